@@ -1,0 +1,1 @@
+"""A variational autoencoder on MNIST with PyTorch Lightning and Hydra."""

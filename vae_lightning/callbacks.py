@@ -1,0 +1,126 @@
+"""Callbacks that write the run's files: the epoch table, loss curves and 10 samples."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+from vae_lightning.plots import loss_curves
+
+EPOCH_COLUMNS = ("epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl")
+
+
+def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
+class LossHistory(L.Callback):
+    """Keeps every step's BCE and KL and every epoch's metrics; writes ``epochs.csv`` after
+    each epoch and ``loss_curves.png`` when training ends or stops on an error.
+
+    The history is part of the checkpoint, so a resumed run's files cover the whole run.
+    """
+
+    def __init__(self, output_dir: str, csv_name: str = "epochs.csv", plot_name: str = "loss_curves.png") -> None:
+        self.csv_path = Path(output_dir) / csv_name
+        self.plot_path = Path(output_dir) / plot_name
+        self.epochs: list[dict[str, float]] = []
+        self.step_values = torch.empty(0, 2)  # (steps, [bce, kl]) per image, on the CPU
+        self._pending: list[torch.Tensor] = []  # this epoch's steps, still on the device
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # kept on the device: reading them here would stall an accelerator every step
+        self._pending.append(torch.stack([outputs["bce"], outputs["kl"]]))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush_steps()
+        metrics = trainer.callback_metrics
+        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
+        for key in EPOCH_COLUMNS[1:]:
+            if key in metrics:
+                row[key] = float(metrics[key])
+        self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
+        if trainer.is_global_zero:
+            self.write_csv()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.write_plot()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.epochs:
+            self.write_plot()
+
+    def _flush_steps(self) -> None:
+        if self._pending:
+            new = torch.stack(self._pending).float().cpu()
+            self.step_values = torch.cat([self.step_values, new])
+            self._pending = []
+
+    def write_csv(self) -> None:
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS)
+            writer.writeheader()
+            for row in self.epochs:
+                writer.writerow({k: (f"{v:.6f}" if k != "epoch" else int(v)) for k, v in row.items()})
+
+    def write_plot(self) -> None:
+        self._flush_steps()
+        fig = loss_curves(self.step_values[:, 0].tolist(), self.step_values[:, 1].tolist(), self.epochs)
+        self.plot_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.plot_path, dpi=110)
+
+    def state_dict(self) -> dict[str, Any]:
+        self._flush_steps()
+        return {"epochs": self.epochs, "step_values": self.step_values.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict["epochs"])
+        self.step_values = state_dict["step_values"]
+
+
+class SampleGrid(L.Callback):
+    """Decodes ``n`` draws of z ~ N(0, I) from a fixed seed when training ends; writes one
+    row of digits to ``samples.png`` (each pixel drawn as ``scale`` x ``scale``, so the
+    28 x 28 digits are visible at a glance) and to TensorBoard (at 1:1)."""
+
+    def __init__(
+        self, output_dir: str, n: int = 10, nrow: int = 10, seed: int = 2024, scale: int = 4, filename: str = "samples.png"
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.n, self.nrow, self.seed, self.scale = n, nrow, seed, scale
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(upscale(grid, self.scale), self.path)
+        for tb in _tensorboards(trainer):
+            tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+
+
+@torch.no_grad()
+def sample_grid(model: torch.nn.Module, n: int, nrow: int, seed: int) -> torch.Tensor:
+    """Decoded N(0, I) draws as an image grid; the same seed gives the same z on any device."""
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    was_training = model.training
+    model.eval()
+    side = math.isqrt(model.input_dim)
+    images = model.decode(z).float().view(n, 1, side, side).cpu()
+    model.train(was_training)
+    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of a (C, H, W) image: every pixel stays a crisp square."""
+    return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)

@@ -1,0 +1,167 @@
+"""MNIST as flattened [0, 1] tensors held on the training device, batched by slicing."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchvision import datasets
+
+from vae_lightning.errors import DataError
+
+# name -> (bytes, md5) of the uncompressed files torchvision keeps in <data_dir>/MNIST/raw
+MNIST_FILES = {
+    "train-images-idx3-ubyte": (47040016, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": (60008, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": (7840016, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": (10008, "27ae3e4e09519cfbb04c329615203637"),
+}
+POINT_ELSEWHERE = "set data.data_dir=<dir> or VAE_DATA_DIR=<dir> to a folder holding MNIST/raw/"
+
+
+def default_data_dir() -> Path:
+    """``$VAE_DATA_DIR`` if set, else ``data/`` beside the package (the repo's own)."""
+    env = os.environ.get("VAE_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def ensure_mnist(data_dir: str | Path, download: bool = True) -> Path:
+    """Make sure the four MNIST files are in ``data_dir/MNIST/raw`` and intact; return that dir."""
+    raw = Path(data_dir).expanduser().resolve() / "MNIST" / "raw"
+    missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing and download:
+        _download(raw.parent.parent)
+        missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    if missing:
+        raise DataError(
+            f"MNIST not found: {', '.join(missing)} missing in {raw} "
+            f"(download {'failed' if download else 'disabled'}); {POINT_ELSEWHERE}"
+        )
+    for name, (size, md5) in MNIST_FILES.items():
+        path = raw / name
+        actual = path.stat().st_size
+        if actual != size:
+            raise DataError(
+                f"MNIST file {path} has {actual} bytes, expected {size} (truncated or wrong file); "
+                f"delete it to download it again, or {POINT_ELSEWHERE}"
+            )
+        if hashlib.md5(path.read_bytes()).hexdigest() != md5:
+            raise DataError(
+                f"MNIST file {path} is corrupt (md5 mismatch); "
+                f"delete it to download it again, or {POINT_ELSEWHERE}"
+            )
+    return raw
+
+
+def _download(root: Path) -> None:
+    print(f"Downloading MNIST into {root / 'MNIST' / 'raw'} ...", flush=True)
+    chatter = io.StringIO()  # torchvision prints each failed mirror; we report once
+    try:
+        with contextlib.redirect_stdout(chatter):
+            for train in (True, False):
+                datasets.MNIST(str(root), train=train, download=True)
+    except Exception as err:  # offline, mirror down, disk full: all end the same way
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"could not download MNIST into {root / 'MNIST' / 'raw'} ({reason}); {POINT_ELSEWHERE}") from err
+
+
+def load_split(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
+    """Images as float32 (N, 784) in [0, 1], exactly what ``ToTensor()`` + flatten gives, and labels."""
+    ds = datasets.MNIST(str(data_dir), train=train, download=False)
+    return ds.data.reshape(len(ds.data), -1).float().div_(255), ds.targets.clone()
+
+
+class EpochPermutation:
+    """Index order for one epoch, seeded by (seed, epoch) and sharded by rank like
+    ``DistributedSampler``; Lightning calls ``set_epoch`` at every epoch start, so a
+    resumed run sees the same order as an uninterrupted one."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+    def indices(self) -> Tensor:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=gen)
+        else:
+            order = torch.arange(self.n)
+        return order[self.rank :: self.world_size]
+
+
+class TensorBatches:
+    """An iterable of (batch_size, 784) slices of a device-resident tensor; the last,
+    partial batch is kept, as the seed's DataLoader does."""
+
+    def __init__(self, images: Tensor, batch_size: int, sampler: EpochPermutation) -> None:
+        self.images, self.batch_size, self.sampler = images, batch_size, sampler
+        self.batch_sampler = None  # DataLoader's attribute, which Lightning inspects
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = self.sampler.indices().to(self.images.device)
+        for start in range(0, len(order), self.batch_size):
+            yield self.images[order[start : start + self.batch_size]]
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """Train on the 60k training images; validate and test on the official 10k test set."""
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.seed, self.download = seed, download
+        self.train_x: Tensor | None = None
+        self.test_x: Tensor | None = None
+        self.test_y: Tensor | None = None
+
+    def prepare_data(self) -> None:
+        ensure_mnist(self.data_dir, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.test_x is not None:
+            return
+        ensure_mnist(self.data_dir, download=False)
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        self.train_x = load_split(self.data_dir, train=True)[0].to(device)
+        test_x, self.test_y = load_split(self.data_dir, train=False)
+        self.test_x = test_x.to(device)
+
+    def _rank(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def train_dataloader(self) -> TensorBatches:
+        sampler = EpochPermutation(len(self.train_x), True, self.seed, *self._rank())
+        return TensorBatches(self.train_x, self.batch_size, sampler)
+
+    def val_dataloader(self) -> TensorBatches:
+        sampler = EpochPermutation(len(self.test_x), False, self.seed, *self._rank())
+        return TensorBatches(self.test_x, self.eval_batch_size, sampler)
+
+    test_dataloader = val_dataloader

@@ -1,0 +1,81 @@
+"""The LightningModule: the seed's training step, per-image logging, Adam."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from vae_lightning.model import VAE, elbo_terms
+
+TERMS = ("bce", "kl", "loss")
+STAGES = ("train", "val", "test")
+FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+class VAEModule(L.LightningModule):
+    """Optimises the summed BCE + KL (the seed's loss) and logs it per image.
+
+    ``train/bce_step`` etc. are the batch's per-image values at every step; ``train/bce`` etc.
+    are the epoch's sum over images divided by images seen (the numbers the seed prints),
+    aggregated by weighted ``MeanMetric`` so that they mean the same on any number of devices.
+    """
+
+    def __init__(
+        self,
+        input_dim: int = 784,
+        hidden_dim: int = 400,
+        latent_dim: int = 20,
+        lr: float = 1e-3,
+        init: str = "default",
+        init_std: float = 0.01,
+        fused_adam: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = VAE(input_dim, hidden_dim, latent_dim, init, init_std)
+        # NaN checks inside the metric would sync with the host every step; divergence is
+        # caught where the step values are read anyway.
+        self.means = nn.ModuleDict(
+            {f"{stage}_{term}": MeanMetric(nan_strategy="disable") for stage in STAGES for term in TERMS}
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.model(x)
+
+    def _shared_step(self, x: Tensor, stage: str) -> dict[str, Tensor]:
+        bce, kl = elbo_terms(self.model, x)
+        n = x.shape[0]
+        per_image = {"bce": bce.detach() / n, "kl": kl.detach() / n}
+        per_image["loss"] = per_image["bce"] + per_image["kl"]
+        for term, value in per_image.items():
+            metric = self.means[f"{stage}_{term}"]
+            metric.update(value, n)
+            # Lightning computes (and, under DDP, syncs) the metric when the epoch ends,
+            # before any epoch-end hook runs, and resets it.
+            self.log(f"{stage}/{term}", metric, on_step=False, on_epoch=True, prog_bar=term == "loss")
+        return {"graph_loss": bce + kl, **per_image}
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        out = self._shared_step(batch, "train")
+        self.log_dict(
+            {f"train/{term}_step": out[term] for term in TERMS},
+            on_step=True,
+            on_epoch=False,
+            batch_size=batch.shape[0],
+        )
+        # Lightning backpropagates "loss": the seed's sum over the batch, not the mean
+        return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"]}
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        fused = self.hparams.fused_adam
+        if fused is None:
+            fused = self.device.type in FUSED_ADAM_DEVICES
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused)

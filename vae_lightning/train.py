@@ -1,0 +1,73 @@
+"""``python -m vae_lightning.train [overrides]``: compose the config, train, test, report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from vae_lightning.errors import UserError
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """Instantiate one config node; a bad value ends in one line naming the group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"cannot build the {what} from the config: {message}; check the {what}.* overrides") from err
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; return the final metrics (floats)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build(cfg.data, "data")
+    module = build(cfg.model, "model")
+    callbacks = [build(node, "callbacks") for node in cfg.get("callbacks", {}).values()]
+    loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        metrics.update({k: float(v) for k, v in results[0].items()})
+    if trainer.is_global_zero:
+        report(cfg, metrics)
+    return metrics
+
+
+def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
+    out = Path(cfg.paths.output_dir)
+    keys = [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("loss", "bce", "kl")]
+    print(f"\nOutputs in {out}")
+    for name in ("epochs.csv", "loss_curves.png", "samples.png", "checkpoints", "tensorboard"):
+        if (out / name).exists():
+            print(f"  {out / name}")
+    print("Final per-image metrics:")
+    for key in keys:
+        if key in metrics:
+            print(f"  {key:<11} {metrics[key]:9.3f}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
