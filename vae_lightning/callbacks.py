@@ -35,7 +35,9 @@ class LossHistory(L.Callback):
         self.step_values = torch.empty(0, 2)  # (steps, [bce, kl]) per image, on the CPU
         self._pending: list[torch.Tensor] = []  # this epoch's steps, still on the device
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         # kept on the device: reading them here would stall an accelerator every step
         self._pending.append(torch.stack([outputs["bce"], outputs["kl"]]))
 
@@ -93,7 +95,13 @@ class SampleGrid(L.Callback):
     28 x 28 digits are visible at a glance) and to TensorBoard (at 1:1)."""
 
     def __init__(
-        self, output_dir: str, n: int = 10, nrow: int = 10, seed: int = 2024, scale: int = 4, filename: str = "samples.png"
+        self,
+        output_dir: str,
+        n: int = 10,
+        nrow: int = 10,
+        seed: int = 2024,
+        scale: int = 4,
+        filename: str = "samples.png",
     ) -> None:
         self.path = Path(output_dir) / filename
         self.n, self.nrow, self.seed, self.scale = n, nrow, seed, scale

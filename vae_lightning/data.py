@@ -55,8 +55,7 @@ def ensure_mnist(data_dir: str | Path, download: bool = True) -> Path:
             )
         if hashlib.md5(path.read_bytes()).hexdigest() != md5:
             raise DataError(
-                f"MNIST file {path} is corrupt (md5 mismatch); "
-                f"delete it to download it again, or {POINT_ELSEWHERE}"
+                f"MNIST file {path} is corrupt (md5 mismatch); delete it to download it again, or {POINT_ELSEWHERE}"
             )
     return raw
 
@@ -69,8 +68,11 @@ def _download(root: Path) -> None:
             for train in (True, False):
                 datasets.MNIST(str(root), train=train, download=True)
     except Exception as err:  # offline, mirror down, disk full: all end the same way
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"could not download MNIST into {root / 'MNIST' / 'raw'} ({reason}); {POINT_ELSEWHERE}") from err
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(err).__name__
+        raise DataError(
+            f"could not download MNIST into {root / 'MNIST' / 'raw'} ({reason}); {POINT_ELSEWHERE}"
+        ) from err
 
 
 def load_split(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:

@@ -69,19 +69,26 @@ def init_weights(model: nn.Module, scheme: str, std: float = 0.01) -> None:
             nn.init.zeros_(layer.bias)
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    # under autocast the layers run in fp16/bf16; the sums over 784 pixels must not
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
-    """Summed BCE of sigmoid(logits) against x, in fp32 and stable for any logit."""
-    return F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="sum")
+    """Per-image BCE of sigmoid(logits) against x, summed over pixels; at least fp32 and
+    stable for any logit. ``.sum()`` of it is the seed's ``binary_cross_entropy(..., "sum")``."""
+    logits = _at_least_fp32(logits)
+    return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").sum(-1)
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Summed closed-form KL(N(mu, exp(logvar)) || N(0, I)), in fp32."""
-    mu, logvar = mu.float(), logvar.float()
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    """Per-image closed-form KL(N(mu, exp(logvar)) || N(0, I)), at least fp32."""
+    mu, logvar = _at_least_fp32(mu), _at_least_fp32(logvar)
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
 
 
 def elbo_terms(model: VAE, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed (BCE, KL) of one reparameterised pass; their sum is the seed's loss."""
+    """Per-image (BCE, KL) of one reparameterised pass; the seed's loss is their total sum."""
     mu, logvar = model.encode(x)
     logits = model.decode_logits(model.reparameterize(mu, logvar))
     return bce_from_logits(logits, x), kl_divergence(mu, logvar)

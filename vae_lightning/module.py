@@ -19,7 +19,8 @@ class VAEModule(L.LightningModule):
 
     ``train/bce_step`` etc. are the batch's per-image values at every step; ``train/bce`` etc.
     are the epoch's sum over images divided by images seen (the numbers the seed prints),
-    aggregated by weighted ``MeanMetric`` so that they mean the same on any number of devices.
+    aggregated by ``MeanMetric`` over every image's value, so that they mean the same for
+    any batch size and on any number of devices.
     """
 
     def __init__(
@@ -35,8 +36,8 @@ class VAEModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = VAE(input_dim, hidden_dim, latent_dim, init, init_std)
-        # NaN checks inside the metric would sync with the host every step; divergence is
-        # caught where the step values are read anyway.
+        # NaN checks inside the metric would sync with the host every step. ("disable" also
+        # drops MeanMetric's weights, torchmetrics#3434, so we feed per-image values instead.)
         self.means = nn.ModuleDict(
             {f"{stage}_{term}": MeanMetric(nan_strategy="disable") for stage in STAGES for term in TERMS}
         )
@@ -46,16 +47,16 @@ class VAEModule(L.LightningModule):
 
     def _shared_step(self, x: Tensor, stage: str) -> dict[str, Tensor]:
         bce, kl = elbo_terms(self.model, x)
-        n = x.shape[0]
-        per_image = {"bce": bce.detach() / n, "kl": kl.detach() / n}
-        per_image["loss"] = per_image["bce"] + per_image["kl"]
-        for term, value in per_image.items():
+        terms = {"bce": bce.detach(), "kl": kl.detach()}
+        terms["loss"] = terms["bce"] + terms["kl"]
+        for term, values in terms.items():
             metric = self.means[f"{stage}_{term}"]
-            metric.update(value, n)
+            metric.update(values)
             # Lightning computes (and, under DDP, syncs) the metric when the epoch ends,
             # before any epoch-end hook runs, and resets it.
             self.log(f"{stage}/{term}", metric, on_step=False, on_epoch=True, prog_bar=term == "loss")
-        return {"graph_loss": bce + kl, **per_image}
+        # the seed's loss: summed over pixels and over the batch (not a mean)
+        return {"graph_loss": bce.sum() + kl.sum(), **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         out = self._shared_step(batch, "train")

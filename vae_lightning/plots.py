@@ -46,7 +46,7 @@ def loss_curves(
         for stage, style in (("train", "-o"), ("val", "--s")):
             points = [(e["epoch"], e[f"{stage}/{key}"]) for e in epochs if e.get(f"{stage}/{key}") is not None]
             if points:
-                x, y = zip(*points)
+                x, y = zip(*points, strict=True)
                 ax.plot(x, y, style, ms=3, label=stage)
         ax.set(xlabel="epoch", ylabel=f"{label} per image", title=f"{label} per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -26,8 +27,26 @@ def build(node: DictConfig, what: str, **kwargs):
         raise UserError(f"cannot build the {what} from the config: {message}; check the {what}.* overrides") from err
 
 
+def check_hardware(trainer_cfg: DictConfig) -> None:
+    """Say plainly when the config asks for GPUs this machine does not have."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = trainer_cfg.get("devices", "auto")
+    wanted = devices if isinstance(devices, int) and devices > 0 else 1
+    if found == 0:
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU was found on this machine; "
+            "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
+        )
+    if wanted > found:
+        raise UserError(f"trainer.devices={devices} but only {found} GPU(s) were found; use trainer.devices={found}")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, then test the best checkpoint; return the final metrics (floats)."""
+    check_hardware(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     module = build(cfg.model, "model")

@@ -1,0 +1,83 @@
+"""Every config composes and every object in it can be built."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import CONF_DIR, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.errors import UserError
+from vae_lightning.train import build, check_hardware
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def test_defaults_are_the_seed_run(tmp_path):
+    cfg = compose_train(tmp_path)
+    assert cfg.model.hidden_dim == 400 and cfg.model.latent_dim == 20 and cfg.model.lr == 1e-3
+    assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 100
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.log_every_n_steps == 1
+    assert cfg.model.init == "default" and cfg.seed == 0
+    seed_cfg = compose_train(tmp_path, "experiment=seed")
+    for key in ("model", "data", "trainer", "seed"):
+        assert OmegaConf.select(seed_cfg, key) == OmegaConf.select(cfg, key), key
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"trainer={o}"] for o in options("trainer") if o != "gpu"]
+    + [[f"logger={o}"] for o in options("logger")]
+    + [[f"experiment={o}"] for o in options("experiment")]
+    + [["model.latent_dim=2", "model.init=xavier_normal", "data.batch_size=64"]],
+)
+def test_every_config_builds(tmp_path, overrides):
+    cfg = compose_train(tmp_path, *overrides)
+    assert isinstance(build(cfg.data, "data"), L.LightningDataModule)
+    module = build(cfg.model, "model")
+    assert module.model.latent_dim == cfg.model.latent_dim
+    callbacks = [build(node, "callbacks") for node in cfg.callbacks.values()]
+    loggers = [build(node, "logger") for node in cfg.logger.values()]
+    assert len(loggers) == len(cfg.logger) >= 1
+    trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+    assert trainer.log_every_n_steps == 1
+
+
+def test_gpu_config_composes_and_is_refused_cleanly_without_a_gpu(tmp_path):
+    cfg = compose_train(tmp_path, "trainer=gpu")
+    assert cfg.trainer.accelerator == "gpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU was found.*trainer.accelerator=auto"):
+        check_hardware(cfg.trainer)
+
+
+def test_a_bad_value_names_the_group(tmp_path):
+    cfg = compose_train(tmp_path, "trainer.precision=17")
+    with pytest.raises(UserError, match=r"cannot build the trainer from the config: Precision 17 is invalid"):
+        build(cfg.trainer, "trainer")
+
+
+@pytest.mark.slow
+def test_cli_gpu_without_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("vae_lightning.train", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.accelerator=gpu but no CUDA GPU was found on this machine; "
+        "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
+    ]

@@ -1,0 +1,123 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from torchvision import datasets, transforms
+
+from vae_lightning.data import (
+    MNIST_FILES,
+    EpochPermutation,
+    MNISTDataModule,
+    TensorBatches,
+    ensure_mnist,
+)
+from vae_lightning.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    dm = MNISTDataModule(str(mnist_dir), batch_size=128, seed=0, download=False)
+    dm.setup("fit")
+    return dm
+
+
+def test_real_mnist_is_flattened_to_784_floats_in_unit_range(mnist):
+    assert mnist.train_x.shape == (60000, 784) and mnist.test_x.shape == (10000, 784)
+    assert mnist.train_x.dtype == torch.float32
+    assert mnist.train_x.min() == 0.0 and mnist.train_x.max() == 1.0
+    assert mnist.test_y.shape == (10000,) and set(mnist.test_y.tolist()) == set(range(10))
+
+
+def test_pixels_equal_the_seed_transform(mnist, mnist_dir):
+    seed_transform = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x.view(-1))])
+    seed_ds = datasets.MNIST(str(mnist_dir), train=True, transform=seed_transform)
+    for i in (0, 1, 12345, 59999):
+        assert torch.equal(seed_ds[i][0], mnist.train_x[i])
+
+
+def test_train_batches_cover_the_set_once_and_keep_the_last_partial_batch(mnist):
+    loader = mnist.train_dataloader()
+    batches = list(loader)
+    assert len(loader) == len(batches) == 469
+    assert {b.shape[0] for b in batches[:-1]} == {128} and batches[-1].shape == (60000 - 468 * 128, 784)
+    sums = torch.cat(batches).sum(1).double()
+    assert torch.allclose(sums.sort().values, mnist.train_x.sum(1).double().sort().values)
+
+
+def test_shuffles_are_deterministic_per_seed_and_epoch():
+    a, b = EpochPermutation(1000, True, seed=0), EpochPermutation(1000, True, seed=0)
+    assert torch.equal(a.indices(), b.indices())
+    first = a.indices()
+    a.set_epoch(1)
+    assert not torch.equal(first, a.indices())
+    b.set_epoch(1)
+    assert torch.equal(a.indices(), b.indices())
+    assert not torch.equal(EpochPermutation(1000, True, seed=1).indices(), first)
+    assert torch.equal(EpochPermutation(1000, False, seed=0).indices(), torch.arange(1000))
+
+
+def test_shards_partition_the_permutation():
+    shards = [EpochPermutation(1001, True, seed=3, rank=r, world_size=2).indices() for r in range(2)]
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(1001))
+
+
+def test_validation_batches_are_the_test_set_in_order(mnist):
+    batches = list(mnist.val_dataloader())
+    assert torch.equal(torch.cat(batches), mnist.test_x)
+
+
+def test_batches_follow_the_tensor_device():
+    images = torch.rand(10, 784)
+    loader = TensorBatches(images, 4, EpochPermutation(10, True, 0))
+    assert [b.shape[0] for b in loader] == [4, 4, 2]
+    assert all(b.device == images.device for b in loader)
+
+
+def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match=r"MNIST not found: train-images-idx3-ubyte.*missing in .*data\.data_dir"):
+        ensure_mnist(tmp_path, download=False)
+    # a download that cannot connect ends the same way, naming the folder
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    with pytest.raises(DataError, match=r"could not download MNIST into .*VAE_DATA_DIR"):
+        ensure_mnist(tmp_path, download=True)
+
+
+def _copy_of_mnist(src: Path, dst: Path) -> Path:
+    raw = dst / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        os.symlink(src / "MNIST" / "raw" / name, raw / name)
+    return raw
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path, mnist_dir):
+    raw = _copy_of_mnist(mnist_dir, tmp_path)
+    name = "t10k-labels-idx1-ubyte"
+    data = (mnist_dir / "MNIST" / "raw" / name).read_bytes()
+    (raw / name).unlink()
+    (raw / name).write_bytes(data[:5000])
+    with pytest.raises(DataError, match=rf"{name} has 5000 bytes, expected 10008.*delete it"):
+        ensure_mnist(tmp_path, download=False)
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF
+    (raw / name).write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=rf"{name} is corrupt \(md5 mismatch\)"):
+        ensure_mnist(tmp_path, download=False)
+    assert np.frombuffer(data[8:], np.uint8).max() == 9  # the original is untouched
+
+
+@pytest.mark.slow
+def test_cli_without_data_ends_in_one_line(tmp_path):
+    result = run_cli(
+        "vae_lightning.train",
+        f"data.data_dir={tmp_path / 'nowhere'}",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MNIST not found") and "VAE_DATA_DIR" in last

@@ -1,0 +1,51 @@
+import lightning as L
+import pytest
+import torch
+
+from vae_lightning.data import EpochPermutation, TensorBatches
+from vae_lightning.model import VAE, bce_from_logits, kl_divergence
+from vae_lightning.module import VAEModule
+
+
+def _trainer() -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, max_epochs=1,
+    )  # fmt: skip
+
+
+def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
+    """300 images in batches of 128, 128, 44: the epoch value must weight each batch by its
+    size (the seed's sum / len(dataset)), not average the three batch means."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(VAE, "reparameterize", staticmethod(lambda mu, logvar: mu))
+    x = torch.rand(300, 784).round()
+    x[:128] *= 0.1  # make batch means differ, so an unweighted mean would be visibly off
+    module = VAEModule(hidden_dim=32, latent_dim=4)
+    loader = TensorBatches(x, 128, EpochPermutation(300, False, 0))
+    result = _trainer().validate(module, dataloaders=loader, verbose=False)[0]
+    with torch.no_grad():
+        mu, logvar = module.model.encode(x)
+        bce = bce_from_logits(module.model.decode_logits(mu), x).sum() / 300
+        kl = kl_divergence(mu, logvar).sum() / 300
+    assert result["val/bce"] == pytest.approx(bce.item(), rel=1e-5)
+    assert result["val/kl"] == pytest.approx(kl.item(), rel=1e-5)
+    assert result["val/loss"] == pytest.approx((bce + kl).item(), rel=1e-5)
+
+
+def test_training_backpropagates_the_summed_loss_with_adam():
+    torch.manual_seed(0)
+    module = VAEModule(hidden_dim=32, latent_dim=4, lr=1e-3)
+    x = torch.rand(256, 784)
+    trainer = _trainer()
+    trainer.fit(module, train_dataloaders=TensorBatches(x, 128, EpochPermutation(256, True, 0)))
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-3
+    assert opt.defaults["fused"] is True  # the CPU has the fused kernel
+    module.log = module.log_dict = lambda *args, **kwargs: None  # outside a loop
+    out = module.training_step(x[:10], 0)
+    assert out["loss"].requires_grad
+    assert out["loss"].item() == pytest.approx(10 * (out["bce"] + out["kl"]).item(), rel=1e-5)
+    for metric in trainer.callback_metrics:
+        assert metric.startswith("train/")
+    assert {"train/bce", "train/kl", "train/loss", "train/bce_step", "train/kl_step"} <= set(trainer.callback_metrics)

@@ -1,0 +1,100 @@
+"""End to end on real MNIST: the command a user runs, and everything it writes."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+STEPS_PER_EPOCH = 469  # ceil(60000 / 128): the seed keeps the last partial batch
+EPOCHS = 3
+
+
+def read_scalars(run_dir: Path) -> tuple[dict[str, list], list[str]]:
+    scalars: dict[str, list] = {}
+    images: list[str] = []
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(acc.Scalars(tag))
+        images += acc.Tags()["images"]
+    return scalars, images
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, mnist_dir):
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli(
+        "vae_lightning.train",
+        f"trainer.max_epochs={EPOCHS}",
+        f"data.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_three_epochs_match_the_seed_and_every_file_is_written(run):
+    run_dir, result = run
+    with (run_dir / "epochs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert list(rows[0]) == ["epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl"]
+    # the seed's epoch-3 train loss is 114.66 (114.32 with its loop and seed 0 here)
+    assert 100 < float(rows[-1]["train/loss"]) < 117
+    assert float(rows[0]["train/loss"]) > float(rows[1]["train/loss"]) > float(rows[2]["train/loss"])
+    for r in rows:
+        assert float(r["train/loss"]) == pytest.approx(float(r["train/bce"]) + float(r["train/kl"]), abs=1e-3)
+        assert float(r["val/loss"]) == pytest.approx(float(r["val/bce"]) + float(r["val/kl"]), abs=1e-3)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    best = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    assert len(best) == 1
+    ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
+    assert {"model.fc1.weight", "model.fc_mu.weight", "model.fc4.bias"} <= set(ckpt["state_dict"])
+    assert f"Outputs in {run_dir}" in result.stdout and "test/loss" in result.stdout
+
+
+@pytest.mark.slow
+def test_samples_png_is_one_row_of_ten_digits(run):
+    run_dir, _ = run
+    image = np.asarray(Image.open(run_dir / "samples.png").convert("L"), dtype=float) / 255
+    scale = 4
+    assert image.shape == (scale * 32, scale * (10 * 30 + 2))  # make_grid: 2 px padding
+    for i in range(10):
+        left = scale * (2 + 30 * i)
+        digit = image[2 * scale : 30 * scale, left : left + 28 * scale]
+        # a digit: some bright strokes on a mostly dark background, not noise or blank
+        assert 0.03 < (digit > 0.5).mean() < 0.45, i
+        assert np.median(digit) < 0.1, i
+
+
+@pytest.mark.slow
+def test_tensorboard_has_every_step_and_every_epoch(run):
+    run_dir, _ = run
+    scalars, images = read_scalars(run_dir)
+    for tag in ("train/bce_step", "train/kl_step", "train/loss_step"):
+        assert len(scalars[tag]) == EPOCHS * STEPS_PER_EPOCH, tag
+    for tag in ("train/bce", "train/kl", "train/loss", "val/bce", "val/kl", "val/loss"):
+        assert len(scalars[tag]) == EPOCHS, tag
+    assert {"test/bce", "test/kl", "test/loss"} <= set(scalars)
+    assert "samples" in images
+    # the epoch value is the per-step values weighted by batch size: sum over images / images
+    sizes = np.array([128] * (STEPS_PER_EPOCH - 1) + [60000 - 128 * (STEPS_PER_EPOCH - 1)])
+    for term in ("bce", "kl"):
+        steps = np.array([e.value for e in sorted(scalars[f"train/{term}_step"], key=lambda e: e.step)])
+        per_epoch = steps.reshape(EPOCHS, STEPS_PER_EPOCH) @ sizes / sizes.sum()
+        logged = [e.value for e in sorted(scalars[f"train/{term}"], key=lambda e: e.step)]
+        np.testing.assert_allclose(per_epoch, logged, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_loss_curves_png_is_written(run):
+    run_dir, _ = run
+    image = Image.open(run_dir / "loss_curves.png")
+    assert image.width > 800 and image.height > 500
