@@ -1,4 +1,4 @@
-"""Callbacks that write the run's files: the epoch table, loss curves and 10 samples."""
+"""Callbacks that write the run's records: per-step and per-epoch metrics, loss curves, samples."""
 
 from __future__ import annotations
 
@@ -21,28 +21,44 @@ def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-class LossHistory(L.Callback):
-    """Keeps every step's BCE and KL and every epoch's metrics; writes ``epochs.csv`` after
-    each epoch and ``loss_curves.png`` when training ends or stops on an error.
+class TrainingHistory(L.Callback):
+    """The record of a run: every optimizer step's per-image BCE and KL, and every epoch's
+    train and val metrics.
 
-    The history is part of the checkpoint, so a resumed run's files cover the whole run.
+    Step values stay on the device and are sent to the loggers (TensorBoard) in blocks of
+    ``flush_every`` steps with their true step numbers: one host sync per block instead of a
+    per-step ``self.log`` (which cost ~5 ms a step here, more than the step's own compute).
+    Writes ``epochs.csv`` after each epoch and ``loss_curves.png`` when training ends or stops
+    on an error. The history is part of the checkpoint, so a resumed run's files cover the
+    whole run.
     """
 
-    def __init__(self, output_dir: str, csv_name: str = "epochs.csv", plot_name: str = "loss_curves.png") -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        flush_every: int = 100,
+        csv_name: str = "epochs.csv",
+        plot_name: str = "loss_curves.png",
+    ) -> None:
         self.csv_path = Path(output_dir) / csv_name
         self.plot_path = Path(output_dir) / plot_name
+        self.flush_every = flush_every
         self.epochs: list[dict[str, float]] = []
+        self.steps = torch.empty(0, dtype=torch.long)  # logger step of each value (0-based)
         self.step_values = torch.empty(0, 2)  # (steps, [bce, kl]) per image, on the CPU
-        self._pending: list[torch.Tensor] = []  # this epoch's steps, still on the device
+        self._pending: list[torch.Tensor] = []  # not yet flushed, still on the device
+        self._pending_steps: list[int] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # kept on the device: reading them here would stall an accelerator every step
         self._pending.append(torch.stack([outputs["bce"], outputs["kl"]]))
+        self._pending_steps.append(trainer.global_step - 1)  # as Lightning numbers on_step logs
+        if len(self._pending) >= self.flush_every:
+            self._flush_steps(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._flush_steps()
+        self._flush_steps(trainer)
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         for key in EPOCH_COLUMNS[1:]:
@@ -57,14 +73,21 @@ class LossHistory(L.Callback):
             self.write_plot()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if trainer.is_global_zero and self.epochs:
+        self._flush_steps(trainer)
+        if trainer.is_global_zero and len(self.step_values):
             self.write_plot()
 
-    def _flush_steps(self) -> None:
-        if self._pending:
-            new = torch.stack(self._pending).float().cpu()
-            self.step_values = torch.cat([self.step_values, new])
-            self._pending = []
+    def _flush_steps(self, trainer: L.Trainer | None = None) -> None:
+        if not self._pending:
+            return
+        values = torch.stack(self._pending).float().cpu()  # the block's one host sync
+        steps = torch.tensor(self._pending_steps, dtype=torch.long)
+        self._pending, self._pending_steps = [], []
+        self.step_values = torch.cat([self.step_values, values])
+        self.steps = torch.cat([self.steps, steps])
+        for logger in trainer.loggers if trainer else []:
+            for step, (bce, kl) in zip(steps.tolist(), values.tolist(), strict=True):
+                logger.log_metrics({"train/bce_step": bce, "train/kl_step": kl, "train/loss_step": bce + kl}, step)
 
     def write_csv(self) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,17 +98,16 @@ class LossHistory(L.Callback):
                 writer.writerow({k: (f"{v:.6f}" if k != "epoch" else int(v)) for k, v in row.items()})
 
     def write_plot(self) -> None:
-        self._flush_steps()
         fig = loss_curves(self.step_values[:, 0].tolist(), self.step_values[:, 1].tolist(), self.epochs)
         self.plot_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(self.plot_path, dpi=110)
 
     def state_dict(self) -> dict[str, Any]:
-        self._flush_steps()
-        return {"epochs": self.epochs, "step_values": self.step_values.clone()}
+        return {"epochs": self.epochs, "steps": self.steps.clone(), "step_values": self.step_values.clone()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = list(state_dict["epochs"])
+        self.steps = state_dict["steps"]
         self.step_values = state_dict["step_values"]
 
 

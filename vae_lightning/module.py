@@ -17,7 +17,8 @@ FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 class VAEModule(L.LightningModule):
     """Optimises the summed BCE + KL (the seed's loss) and logs it per image.
 
-    ``train/bce_step`` etc. are the batch's per-image values at every step; ``train/bce`` etc.
+    ``train/bce_step`` etc. are the batch's per-image values at every step (returned by
+    ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/bce`` etc.
     are the epoch's sum over images divided by images seen (the numbers the seed prints),
     aggregated by ``MeanMetric`` over every image's value, so that they mean the same for
     any batch size and on any number of devices.
@@ -41,6 +42,12 @@ class VAEModule(L.LightningModule):
         self.means = nn.ModuleDict(
             {f"{stage}_{term}": MeanMetric(nan_strategy="disable") for stage in STAGES for term in TERMS}
         )
+        self._logged_this_epoch: set[tuple[str, str]] = set()
+
+    def on_train_epoch_start(self) -> None:
+        self._logged_this_epoch = set()
+
+    on_validation_epoch_start = on_test_epoch_start = on_train_epoch_start
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model(x)
@@ -52,21 +59,21 @@ class VAEModule(L.LightningModule):
         for term, values in terms.items():
             metric = self.means[f"{stage}_{term}"]
             metric.update(values)
-            # Lightning computes (and, under DDP, syncs) the metric when the epoch ends,
-            # before any epoch-end hook runs, and resets it.
-            self.log(f"{stage}/{term}", metric, on_step=False, on_epoch=True, prog_bar=term == "loss")
+            if (stage, term) not in self._logged_this_epoch:
+                # Lightning keeps a reference and computes (under DDP, syncs) the metric when
+                # the epoch ends, before any epoch-end hook, then resets it. Logging it once per
+                # epoch is enough; every step would move the metric to the device each time
+                # (~2 ms a step here).
+                self.log(f"{stage}/{term}", metric, on_step=False, on_epoch=True, prog_bar=term == "loss")
+                self._logged_this_epoch.add((stage, term))
         # the seed's loss: summed over pixels and over the batch (not a mean)
         return {"graph_loss": bce.sum() + kl.sum(), **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         out = self._shared_step(batch, "train")
-        self.log_dict(
-            {f"train/{term}_step": out[term] for term in TERMS},
-            on_step=True,
-            on_epoch=False,
-            batch_size=batch.shape[0],
-        )
-        # Lightning backpropagates "loss": the seed's sum over the batch, not the mean
+        # Lightning backpropagates "loss": the seed's sum over the batch, not the mean. The
+        # step's per-image BCE and KL go out with it, still on the device; TrainingHistory
+        # logs them in blocks (a self.log per step costs more than the step itself on a CPU).
         return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"]}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -44,16 +44,22 @@ def check_hardware(trainer_cfg: DictConfig) -> None:
         raise UserError(f"trainer.devices={devices} but only {found} GPU(s) were found; use trainer.devices={found}")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; return the final metrics (floats)."""
+def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
+    """Seed everything and build (datamodule, module, trainer) from the config."""
     check_hardware(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     module = build(cfg.model, "model")
     callbacks = [build(node, "callbacks") for node in cfg.get("callbacks", {}).values()]
     loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
+    callbacks += extra_callbacks or []
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
 
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, then test the best checkpoint; return the final metrics (floats)."""
+    datamodule, module, trainer = build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test"):

@@ -1,0 +1,171 @@
+"""Seconds per training epoch on real MNIST, three candidates measured in one run:
+
+(a) the seed notebook's loop as written there (torchvision DataLoader + ToTensor + flatten, Adam);
+(b) the project's training path: the objects ``python -m vae_lightning.train`` builds from the
+    default config (Lightning Trainer, every default callback and logger, per-step logging),
+    validation on the 10k test set included in each epoch;
+(c) the GEMM floor: the matrix-multiply FLOPs of one epoch at the FLOP/s this machine sustains
+    at the model's shapes.
+
+Candidates are interleaved round by round and medians are reported, since timings on a shared
+machine drift. Usage: ``make bench`` or ``python benchmarks/epoch_speed.py --rounds 3 --epochs 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from vae_lightning.data import default_data_dir, ensure_mnist
+from vae_lightning.model import VAE
+from vae_lightning.train import build_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def seed_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
+    """The seed's cells, unchanged but for timing (its VAE is ours: same layers and init)."""
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x.view(-1))])
+    train_dataset = datasets.MNIST(root=str(data_dir), train=True, transform=transform, download=False)
+    train_loader = DataLoader(train_dataset, batch_size=128, shuffle=True)
+    vae = VAE()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+
+    def loss_function(recon_x, x, mu, logvar):
+        bce = F.binary_cross_entropy(recon_x, x, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return bce + kld, bce, kld
+
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        vae.train()
+        train_loss = reconstruction_loss = kl_loss = 0.0
+        for data, _ in train_loader:
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = vae(data)
+            loss, bce, kld = loss_function(recon_batch, data, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            reconstruction_loss += bce.item()
+            kl_loss += kld.item()
+            optimizer.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class EpochTimer(L.Callback):
+    """Wall time from one training epoch's start to its end, validation included."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def project_epochs(data_dir: Path, epochs: int, overrides: list[str]) -> list[float]:
+    with tempfile.TemporaryDirectory() as out, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.output_dir={out}", f"data.data_dir={data_dir}", f"trainer.max_epochs={epochs}"]
+            + overrides,
+        )
+        OmegaConf.resolve(cfg)
+        timer = EpochTimer()
+        datamodule, module, trainer = build_run(cfg, extra_callbacks=[timer])
+        trainer.fit(module, datamodule=datamodule)
+    return timer.times
+
+
+def gemm_floor(batch: int = 128, repeats: int = 30) -> dict[str, float]:
+    """FLOP/s of the GEMMs of one training step (forward and backward, bias-free) at the
+    model's shapes, and the seconds an epoch's GEMMs would take at that rate."""
+    dims = [(784, 400), (400, 40), (20, 400), (400, 784)]  # fc_mu and fc_logvar as one 400x40
+    weights = [torch.randn(o, i) for i, o in dims]
+    acts = [torch.randn(batch, i) for i, _ in dims]
+    outs = [torch.randn(batch, o) for _, o in dims]
+    flops = 0
+    for k, (i, o) in enumerate(dims):
+        flops += 2 * batch * i * o * (3 if k else 2)  # forward, weight grad, input grad (not for x)
+
+    def step() -> None:
+        for k, (w, a, g) in enumerate(zip(weights, acts, outs, strict=True)):
+            torch.mm(a, w.t())
+            torch.mm(g.t(), a)
+            if k:
+                torch.mm(g, w)
+
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    rate = flops * repeats / (time.perf_counter() - start)
+    epoch_flops = flops * 60000 / batch
+    return {"gflop_per_s": rate / 1e9, "gflop_per_epoch": epoch_flops / 1e9, "s_per_epoch": epoch_flops / rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all candidates")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per candidate per round")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "epoch_speed.json")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the project's path (b)")
+    args = parser.parse_args()
+
+    data_dir = default_data_dir()
+    ensure_mnist(data_dir, download=True)
+    seed, project, floor = [], [], []
+    for r in range(args.rounds):
+        seed += seed_loop_epochs(data_dir, args.epochs)
+        project += project_epochs(data_dir, args.epochs, args.overrides)
+        floor.append(gemm_floor())
+        print(f"round {r + 1}/{args.rounds}: seed {seed[-1]:.2f} s, project {project[-1]:.2f} s", flush=True)
+
+    a, b = statistics.median(seed), statistics.median(project)
+    c = statistics.median(f["s_per_epoch"] for f in floor)
+    rate = statistics.median(f["gflop_per_s"] for f in floor)
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "rounds": args.rounds,
+        "epochs_per_round": args.epochs,
+        "overrides": args.overrides,
+        "seed_loop_s_per_epoch": {"median": a, "min": min(seed), "max": max(seed)},
+        "project_s_per_epoch": {"median": b, "min": min(project), "max": max(project)},
+        "gemm_floor_s_per_epoch": c,
+        "gemm_gflop_per_s": rate,
+        "gflop_per_epoch": floor[0]["gflop_per_epoch"],
+        "seed_over_project": a / b,
+        "project_over_floor": b / c,
+    }
+    print()
+    print("| candidate | s/epoch (median) | min-max |")
+    print("|---|---|---|")
+    print(f"| (a) seed notebook loop | {a:.2f} | {min(seed):.2f}-{max(seed):.2f} |")
+    print(f"| (b) vae_lightning.train path | {b:.2f} | {min(project):.2f}-{max(project):.2f} |")
+    print(f"| (c) GEMM floor ({result['gflop_per_epoch']:.0f} GFLOP at {rate:.0f} GFLOP/s) | {c:.2f} | |")
+    print(f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
