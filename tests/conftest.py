@@ -37,3 +37,21 @@ def run_cli(module: str, *overrides: str, cwd: Path = REPO, env: dict | None = N
         text=True,
         timeout=900,
     )
+
+
+TRAINED_EPOCHS = 3
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real 3-epoch training run through the CLI, shared by the tests that read its outputs."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli(
+        "vae_lightning.train",
+        f"trainer.max_epochs={TRAINED_EPOCHS}",
+        f"data.data_dir={mnist_dir}",
+        f"hydra.run.dir={run_dir}",
+        "eval.k=20",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result

@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TRAINED_EPOCHS as EPOCHS
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEPS_PER_EPOCH = 469  # ceil(60000 / 128): the seed keeps the last partial batch
-EPOCHS = 3
 
 
 def read_scalars(run_dir: Path) -> tuple[dict[str, list], list[str]]:
@@ -26,17 +25,9 @@ def read_scalars(run_dir: Path) -> tuple[dict[str, list], list[str]]:
     return scalars, images
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, mnist_dir):
-    run_dir = tmp_path_factory.mktemp("run")
-    result = run_cli(
-        "vae_lightning.train",
-        f"trainer.max_epochs={EPOCHS}",
-        f"data.data_dir={mnist_dir}",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, result
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 @pytest.mark.slow

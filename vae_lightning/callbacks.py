@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
-from vae_lightning.plots import loss_curves
+from vae_lightning.plots import loss_curves, sample_grid, upscale
 
 EPOCH_COLUMNS = ("epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl")
 
@@ -136,21 +135,3 @@ class SampleGrid(L.Callback):
         save_image(upscale(grid, self.scale), self.path)
         for tb in _tensorboards(trainer):
             tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
-
-
-@torch.no_grad()
-def sample_grid(model: torch.nn.Module, n: int, nrow: int, seed: int) -> torch.Tensor:
-    """Decoded N(0, I) draws as an image grid; the same seed gives the same z on any device."""
-    device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    was_training = model.training
-    model.eval()
-    side = math.isqrt(model.input_dim)
-    images = model.decode(z).float().view(n, 1, side, side).cpu()
-    model.train(was_training)
-    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
-    """Nearest-neighbour enlargement of a (C, H, W) image: every pixel stays a crisp square."""
-    return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)

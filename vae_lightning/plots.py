@@ -1,12 +1,17 @@
-"""Pure figure builders: data in, matplotlib Figure out; no files, no global pyplot state."""
+"""Pure figure builders: data (or a model) in, a matplotlib Figure or an image tensor out;
+no files, no global pyplot state."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+from torchvision.utils import make_grid
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -53,4 +58,86 @@ def loss_curves(
         ax.legend()
         for ax in axes[row]:
             ax.grid(alpha=0.3)
+    return fig
+
+
+@torch.no_grad()
+def sample_grid(model: torch.nn.Module, n: int, nrow: int, seed: int) -> torch.Tensor:
+    """Decoded N(0, I) draws as an image grid; the same seed gives the same z on any device."""
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    was_training = model.training
+    model.eval()
+    images = _digits(model, z)
+    model.train(was_training)
+    return digit_grid(images, nrow)
+
+
+def upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
+    """Nearest-neighbour enlargement of a (C, H, W) image: every pixel stays a crisp square."""
+    return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+
+
+def _digits(model: torch.nn.Module, z: Tensor) -> Tensor:
+    """Decoded pixel probabilities as (n, 1, side, side) on the CPU."""
+    side = math.isqrt(model.input_dim)
+    return model.decode(z).float().view(len(z), 1, side, side).cpu()
+
+
+def digit_grid(images: Tensor, nrow: int) -> Tensor:
+    """(n, 784) or (n, 1, 28, 28) images in [0, 1] as one grid with white 2-px gutters."""
+    side = math.isqrt(images[0].numel())
+    return make_grid(images.float().reshape(-1, 1, side, side).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: torch.nn.Module, x: Tensor, nrow: int = 10) -> Tensor:
+    """Rows of test digits, each above its reconstruction decode(E[z|x])."""
+    mu, _ = model.encode(x)
+    recon = model.decode(mu).float()
+    rows = []
+    for start in range(0, len(x), nrow):
+        rows += [x[start : start + nrow].float(), recon[start : start + nrow]]
+    return digit_grid(torch.cat(rows), nrow)
+
+
+@torch.no_grad()
+def interpolation_grid(model: torch.nn.Module, x_from: Tensor, x_to: Tensor, steps: int = 10) -> Tensor:
+    """One row per pair: decoded points on the straight line from E[z|a] to E[z|b]."""
+    mu_a, _ = model.encode(x_from)
+    mu_b, _ = model.encode(x_to)
+    t = torch.linspace(0, 1, steps, device=mu_a.device).view(1, steps, 1)
+    z = (mu_a.unsqueeze(1) * (1 - t) + mu_b.unsqueeze(1) * t).reshape(-1, mu_a.shape[1])
+    return digit_grid(_digits(model, z), steps)
+
+
+@torch.no_grad()
+def manifold_grid(model: torch.nn.Module, n: int = 20) -> Tensor:
+    """For a 2-D latent space: digits decoded on an n x n grid of Gaussian quantiles
+    (Kingma & Welling 2014, fig. 4); z1 grows to the right, z2 upwards."""
+    device = next(model.parameters()).device
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1).to(device)
+    return digit_grid(_digits(model, z), n)
+
+
+def latent_scatter(mu: Tensor, labels: Tensor) -> Figure:
+    """E[z|x] of test digits coloured by label: the first two dimensions when the latent
+    space is 2-D, else its first two principal components."""
+    mu = mu.double().cpu()
+    if mu.shape[1] == 2:
+        points, axis = mu, ("z[0]", "z[1]")
+    else:
+        centred = mu - mu.mean(0)
+        _, s, v = torch.linalg.svd(centred, full_matrices=False)
+        points = centred @ v[:2].T
+        share = (s[:2] ** 2 / (s**2).sum()).tolist()
+        axis = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6, vmin=-0.5, vmax=9.5)
+    fig.colorbar(scatter, ax=ax, ticks=range(10), label="digit")
+    ax.set(xlabel=axis[0], ylabel=axis[1], title=f"E[z|x] of {len(points)} test digits (latent_dim={mu.shape[1]})")
+    ax.grid(alpha=0.3)
     return fig

@@ -10,9 +10,11 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 
 from vae_lightning.errors import UserError
+from vae_lightning.eval import evaluate
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -62,10 +64,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule, module, trainer = build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        # loads the best checkpoint's weights into `module`, which the evaluation then uses
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
+    if trainer.is_global_zero and cfg.eval.k > 0:
+        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        evaluation = evaluate(
+            module.model, datamodule.test_x, datamodule.test_y, cfg.paths.output_dir,
+            cfg.eval.k, cfg.eval.batch_size, cfg.eval.chunk_rows, cfg.seed, cfg.eval.sample_seed, cfg.eval.scale,
+            writer=tensorboards[0].experiment if tensorboards else None, step=trainer.global_step,
+            extra={"checkpoint": best, "epochs": trainer.current_epoch}, ten_samples=False,
+        )  # fmt: skip
+        metrics["test/iw_nll"] = evaluation["test/iw_nll"]
+        metrics["active_units"] = evaluation["active_units"]
     if trainer.is_global_zero:
         report(cfg, metrics)
     return metrics
@@ -74,8 +87,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
     keys = [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("loss", "bce", "kl")]
+    keys += ["test/iw_nll", "active_units"]
     print(f"\nOutputs in {out}")
-    for name in ("epochs.csv", "loss_curves.png", "samples.png", "checkpoints", "tensorboard"):
+    for name in ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard"):
         if (out / name).exists():
             print(f"  {out / name}")
     print("Final per-image metrics:")

@@ -1,0 +1,81 @@
+"""python -m vae_lightning.eval end to end on a checkpoint from a short real-MNIST run."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from vae_lightning.eval import resolve_checkpoint
+
+KEYS = {"test/bce", "test/kl", "test/loss", "test/iw_nll", "k", "active_units", "latent_dim", "checkpoint", "note"}
+
+
+def _size(path):
+    return Image.open(path).size
+
+
+@pytest.mark.slow
+def test_training_run_dir_has_metrics_and_figures(trained_run):
+    run_dir, result = trained_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert KEYS <= set(metrics) and metrics["k"] == 20
+    assert metrics["checkpoint"].endswith(".ckpt")
+    for name in ("reconstructions", "interpolations", "latent_scatter", "samples_100"):
+        assert (run_dir / f"{name}.png").is_file(), name
+    assert not (run_dir / "manifold.png").exists()  # latent_dim = 20
+    assert "test/iw_nll" in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_cli_on_a_run_dir(trained_run, mnist_dir, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "eval"
+    result = run_cli(
+        "vae_lightning.eval", f"ckpt_path={run_dir}", "eval.k=50", f"data.data_dir={mnist_dir}", f"hydra.run.dir={out}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert KEYS <= set(metrics)
+    assert metrics["checkpoint"] == str(resolve_checkpoint(run_dir).resolve())
+    assert metrics["k"] == 50 and metrics["latent_dim"] == 20 and metrics["test_images"] == 10000
+    # the bound is tighter than the one-sample ELBO, and both are in the range a 3-epoch model reaches
+    assert metrics["test/iw_nll"] < metrics["test/loss"]
+    assert 90 < metrics["test/iw_nll"] < 120 and 95 < metrics["test/loss"] < 125
+    assert metrics["test/loss"] == pytest.approx(metrics["test/bce"] + metrics["test/kl"])
+    assert 1 <= metrics["active_units"] <= 20
+    assert "binarized" in metrics["note"] and "binarized" in result.stdout
+    # pixel sizes: 28-px digits, 2-px gutters, every pixel drawn 3 x 3
+    cell = 30
+    assert _size(out / "samples.png") == (3 * (10 * cell + 2), 3 * (cell + 2))
+    assert _size(out / "samples_100.png") == (3 * (10 * cell + 2), 3 * (10 * cell + 2))
+    assert _size(out / "reconstructions.png") == (3 * (10 * cell + 2), 3 * (4 * cell + 2))
+    assert _size(out / "interpolations.png") == (3 * (10 * cell + 2), 3 * (8 * cell + 2))
+    assert _size(out / "latent_scatter.png")[0] > 600
+    # a reconstruction resembles its digit: rows 1 and 2 of the grid (digit, reconstruction)
+    grid = np.asarray(Image.open(out / "reconstructions.png").convert("L"), dtype=float) / 255
+    top, bottom = grid[3 * 2 : 3 * 30], grid[3 * 32 : 3 * 60]
+    assert np.abs(top - bottom).mean() < 0.12
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_eval_manifold_for_a_2d_latent_space(mnist_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    train = run_cli(
+        "vae_lightning.train", "trainer.max_epochs=1", "model.latent_dim=2", "eval.k=5", "test=false",
+        f"data.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert _size(run_dir / "manifold.png") == (3 * (20 * 30 + 2), 3 * (20 * 30 + 2))
+    assert json.loads((run_dir / "metrics.json").read_text())["latent_dim"] == 2
+
+
+def test_eval_without_checkpoint_is_one_line(tmp_path):
+    result = run_cli("vae_lightning.eval", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    missing = tmp_path / "missing.ckpt"
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {missing} does not exist; pass ckpt_path=<file.ckpt> or a training run dir"
+    ]

@@ -1,0 +1,90 @@
+"""The importance-weighted bound and active units on tiny models with known answers."""
+
+import math
+
+import pytest
+import torch
+
+from vae_lightning.model import VAE, active_units, elbo_terms, iw_log_likelihood
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    model = VAE(hidden_dim=16, latent_dim=3)
+    x = torch.rand(6, 784).round()
+    return model, x
+
+
+def test_k1_bound_is_the_elbo_in_expectation(tiny):
+    model, x = tiny
+    gen = torch.Generator().manual_seed(1)
+    draws = torch.stack([iw_log_likelihood(model, x, 1, generator=gen) for _ in range(4000)])
+    with torch.no_grad():
+        torch.manual_seed(2)
+        elbo = torch.stack([-sum(elbo_terms(model, x)) for _ in range(4000)]).double()
+    # same expectation; compare means with a tolerance of a few standard errors
+    se = (draws.std(0) / math.sqrt(4000) + elbo.std(0) / math.sqrt(4000)).max().item()
+    assert (draws.mean(0) - elbo.mean(0)).abs().max().item() < 5 * se
+
+
+def test_bound_tightens_with_k(tiny):
+    model, x = tiny
+    gen = torch.Generator().manual_seed(0)
+    bounds = [
+        torch.stack([iw_log_likelihood(model, x, k, generator=gen) for _ in range(30)]).mean(0) for k in (1, 10, 100)
+    ]
+    assert (bounds[1] > bounds[0]).all() and (bounds[2] > bounds[1]).all()
+
+
+def test_chunking_does_not_change_the_estimate(tiny):
+    model, x = tiny
+    # k = 3000 for 6 images: one pass of 18000 rows, or 1000 passes of 3 samples each
+    whole = iw_log_likelihood(model, x, 3000, chunk_rows=100_000, generator=torch.Generator().manual_seed(5))
+    chunked = iw_log_likelihood(model, x, 3000, chunk_rows=18, generator=torch.Generator().manual_seed(6))
+    other = iw_log_likelihood(model, x, 3000, chunk_rows=100_000, generator=torch.Generator().manual_seed(7))
+    # chunking changes nothing but the draws: the gap is Monte-Carlo noise, as between two seeds
+    assert (whole - chunked).abs().max() < 3 * (whole - other).abs().max() + 1e-3
+
+
+def test_exact_when_the_posterior_is_exact():
+    """With q(z|x) = p(z) and a decoder that ignores z, p(x,z)/q(z|x) = p(x|z) is constant, so
+    the bound equals log p(x) for every k, even k = 1."""
+    model = VAE(hidden_dim=8, latent_dim=2)
+    with torch.no_grad():
+        for layer in (model.fc_mu, model.fc_logvar, model.fc3):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.fc4.weight.zero_()
+        model.fc4.bias.fill_(0.3)
+    x = torch.rand(3, 784)
+    exact = (x * 0.3 - torch.nn.functional.softplus(torch.tensor(0.3))).sum(-1).double()
+    for k in (1, 7, 300):
+        torch.testing.assert_close(iw_log_likelihood(model, x, k), exact, rtol=1e-6, atol=1e-4)
+
+
+def test_logsumexp_is_stable_for_extreme_weights():
+    """log w around -1e5 would underflow exp() in any precision; the bound must stay finite
+    and equal the analytic value."""
+    model = VAE(hidden_dim=8, latent_dim=2)
+    with torch.no_grad():
+        for layer in (model.fc_mu, model.fc_logvar, model.fc3):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.fc4.weight.zero_()
+        model.fc4.bias.fill_(150.0)  # every pixel predicted ~1; x = 0 costs ~150 nats a pixel
+    x = torch.zeros(2, 784)
+    value = iw_log_likelihood(model, x, 50)
+    assert torch.isfinite(value).all()
+    torch.testing.assert_close(value, torch.full((2,), -784 * 150.0, dtype=torch.float64), rtol=1e-6, atol=1e-3)
+
+
+def test_active_units_count_a_constructed_encoder():
+    torch.manual_seed(0)
+    mu = torch.zeros(1000, 5)
+    mu[:, 0] = torch.randn(1000)  # variance 1: active
+    mu[:, 1] = 0.5 * torch.randn(1000)  # variance 0.25: active
+    mu[:, 2] = 0.05 * torch.randn(1000)  # variance 0.0025: inactive
+    mu[:, 3] = 3.0  # constant: inactive
+    assert active_units(mu) == 2
+    assert active_units(mu, threshold=0.001) == 3
