@@ -101,7 +101,15 @@ def evaluate(
         mus.append(mu)
     mu_all = torch.cat(mus)
     start = time.perf_counter()
-    iw = torch.cat([iw_log_likelihood(model, xb, k, chunk_rows, gen) for xb in test_x.split(batch_size)])
+    iw, done, next_report = [], 0, 0.1
+    for xb in test_x.split(batch_size):
+        iw.append(iw_log_likelihood(model, xb, k, chunk_rows, gen))
+        done += len(xb)
+        if k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
+            print(f"  importance-weighted bound, k={k}: {done}/{len(test_x)} images, "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+            next_report += 0.1
+    iw = torch.cat(iw)
     iw_seconds = time.perf_counter() - start
     bce_mean, kl_mean = torch.cat(bce).mean().item(), torch.cat(kl).mean().item()
     metrics: dict[str, Any] = {

@@ -48,11 +48,12 @@ def loss_curves(
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.legend()
         ax = axes[row, 1]
-        for stage, style in (("train", "-o"), ("val", "--s")):
+        for stage, style in (("train", "-"), ("val", "--")):
             points = [(e["epoch"], e[f"{stage}/{key}"]) for e in epochs if e.get(f"{stage}/{key}") is not None]
             if points:
                 x, y = zip(*points, strict=True)
-                ax.plot(x, y, style, ms=3, label=stage)
+                marker = ("o" if stage == "train" else "s") if len(points) <= 30 else None  # dots hide a long run
+                ax.plot(x, y, style, marker=marker, ms=3, label=stage)
         ax.set(xlabel="epoch", ylabel=f"{label} per image", title=f"{label} per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -60,42 +62,71 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; return the final metrics (floats)."""
+    """Fit, test the best checkpoint, evaluate it; write ``metrics.json`` and return the metrics."""
+    started = time.perf_counter()
     datamodule, module, trainer = build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    tested = "weights after the last epoch"
     if cfg.get("test"):
         # loads the best checkpoint's weights into `module`, which the evaluation then uses
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()})
-    if trainer.is_global_zero and cfg.eval.k > 0:
-        tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        tested = best or tested
+    if not trainer.is_global_zero:
+        return metrics
+    out = Path(cfg.paths.output_dir)
+    tensorboards = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    if cfg.eval.k > 0:
         evaluation = evaluate(
-            module.model, datamodule.test_x, datamodule.test_y, cfg.paths.output_dir,
+            module.model, datamodule.test_x, datamodule.test_y, out,
             cfg.eval.k, cfg.eval.batch_size, cfg.eval.chunk_rows, cfg.seed, cfg.eval.sample_seed, cfg.eval.scale,
             writer=tensorboards[0].experiment if tensorboards else None, step=trainer.global_step,
-            extra={"checkpoint": best, "epochs": trainer.current_epoch}, ten_samples=False,
+            ten_samples=False,
         )  # fmt: skip
-        metrics["test/iw_nll"] = evaluation["test/iw_nll"]
-        metrics["active_units"] = evaluation["active_units"]
-    if trainer.is_global_zero:
-        report(cfg, metrics)
+        metrics.update(evaluation)
+    metrics.update(
+        epochs=trainer.current_epoch, checkpoint=tested, wall_seconds=round(time.perf_counter() - started, 1)
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    for tb in tensorboards:  # TensorBoard's HPARAMS view: this run's settings beside its results
+        tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in HP_METRICS if k in metrics})
+    report(cfg, metrics)
     return metrics
+
+
+HP_METRICS = ("train/loss", "val/loss", "val/bce", "val/kl", "test/loss", "test/iw_nll")
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
+    """The settings a sweep varies, flat, for TensorBoard's HPARAMS view."""
+    return {
+        "latent_dim": cfg.model.latent_dim,
+        "hidden_dim": cfg.model.hidden_dim,
+        "lr": cfg.model.lr,
+        "init": cfg.model.init,
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "precision": str(cfg.trainer.precision),
+        "seed": cfg.seed,
+    }
 
 
 def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
     keys = [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("loss", "bce", "kl")]
-    keys += ["test/iw_nll", "active_units"]
+    keys.append("test/iw_nll")
     print(f"\nOutputs in {out}")
     for name in ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard"):
         if (out / name).exists():
             print(f"  {out / name}")
     print("Final per-image metrics:")
     for key in keys:
-        if key in metrics:
+        if isinstance(metrics.get(key), float):
             print(f"  {key:<11} {metrics[key]:9.3f}")
+    if "active_units" in metrics:
+        print(f"  active units {metrics['active_units']} of {cfg.model.latent_dim} (eval.k = {metrics['k']})")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -1,0 +1,45 @@
+"""Hydra multirun: every job complete, a summary when the sweep ends, HPARAMS in TensorBoard."""
+
+import csv
+
+import pytest
+from conftest import run_cli
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+
+def hparams_plugin_present(run_dir) -> bool:
+    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(events)).Load():
+            if any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value):
+                return True
+    return False
+
+
+@pytest.mark.slow
+def test_multirun_over_latent_size_and_lr(mnist_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "vae_lightning.train", "-m", "model.latent_dim=2,8", "model.lr=1e-3,3e-4",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=40", "eval.k=5",
+        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    for job in jobs:
+        for name in ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints/last.ckpt"):
+            assert (sweep / job / name).exists(), (job, name)
+        assert hparams_plugin_present(sweep / job), job
+    assert (sweep / "0" / "manifold.png").exists() and not (sweep / "2" / "manifold.png").exists()
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["overrides"] for r in rows] == [
+        "model.latent_dim=2 model.lr=0.001", "model.latent_dim=2 model.lr=0.0003",
+        "model.latent_dim=8 model.lr=0.001", "model.latent_dim=8 model.lr=0.0003",
+    ]  # fmt: skip
+    for row in rows:
+        assert row["status"] == "completed" and row["epochs"] == "1"
+        assert float(row["val/loss"]) == pytest.approx(float(row["val/bce"]) + float(row["val/kl"]), abs=0.01)
+        assert float(row["test/iw_nll"]) > 0 and float(row["wall_seconds"]) > 0
+    summary_md = (sweep / "summary.md").read_text()
+    assert "| job | overrides | status |" in summary_md and "trainer.max_epochs=1" in summary_md

@@ -1,0 +1,62 @@
+"""A Hydra callback that summarises a multirun when it ends: ``summary.csv`` and ``summary.md``
+in the sweep dir, one row per job (its overrides and final metrics)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = (
+    "job", "overrides", "status", "epochs",
+    "train/bce", "train/kl", "train/loss", "val/bce", "val/kl", "val/loss", "test/iw_nll", "wall_seconds",
+)  # fmt: skip
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra" / "overrides.yaml").is_file()]
+    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else d.name))
+
+
+def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Read every job's overrides and ``metrics.json``; write and return the summary rows."""
+    sweep_dir = Path(sweep_dir)
+    jobs = job_dirs(sweep_dir)
+    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    # what every job shares goes in the header; each row shows what this job varies
+    common = set.intersection(*(set(o) for o in overrides.values())) if jobs else set()
+    rows = []
+    for job in jobs:
+        metrics_file = job / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        varied = " ".join(o for o in overrides[job] if o not in common)
+        row: dict[str, Any] = {"job": job.name, "overrides": varied}
+        row["status"] = metrics.get("status", "completed" if metrics else "failed (no metrics.json)")
+        for key in COLUMNS[3:]:
+            value = metrics.get(key)
+            row[key] = round(value, 3) if isinstance(value, float) else value
+        rows.append(row)
+    with (sweep_dir / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    shared = " ".join(o for o in next(iter(overrides.values()), []) if o in common) or "none"
+    header = f"# Sweep {sweep_dir.name}\n\nOverrides shared by every job: `{shared}`\n\n"
+    (sweep_dir / "summary.md").write_text(header + "\n".join(lines) + "\n")
+    return rows
+
+
+class SweepSummary(Callback):
+    """Registered in ``conf/hydra/default.yaml``; runs in the launching process."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            rows = summarise(sweep_dir)
+            print(f"Sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
