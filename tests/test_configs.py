@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
-from vae_lightning.train import build, check_hardware
+from vae_lightning.train import build, check_hardware, validate_config
 
 
 def options(group: str) -> list[str]:
@@ -81,3 +81,33 @@ def test_cli_gpu_without_gpu_is_one_line(tmp_path):
         "error: trainer.accelerator=gpu but no CUDA GPU was found on this machine; "
         "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.latent_dim=0", "model.latent_dim=0 is not valid: it must be an integer >= 1"),
+        ("model.lr=-0.1", "model.lr=-0.1 is not valid: it must be a number > 0"),
+        ("data.batch_size=0", "data.batch_size=0 is not valid: it must be an integer >= 1"),
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 is not valid: it must be an integer >= 1"),
+        ("model.latent_dim=2.5", "model.latent_dim=2.5 is not valid: it must be an integer >= 1"),
+    ],
+)
+def test_impossible_values_are_refused_before_anything_is_built(tmp_path, override, message):
+    cfg = compose_train(tmp_path, override, "data.data_dir=/nonexistent")  # data is never touched
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("+", r"\+")):
+        validate_config(cfg)
+
+
+def test_sensible_values_pass_validation(tmp_path):
+    validate_config(compose_train(tmp_path, "model.latent_dim=2", "model.lr=3e-4", "eval.k=0"))
+
+
+@pytest.mark.slow
+def test_cli_misspelled_key_and_bad_value_are_one_line(tmp_path):
+    typo = run_cli("vae_lightning.train", "model.latnet_dim=2", f"hydra.run.dir={tmp_path}")
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr
+    assert "Could not override 'model.latnet_dim'" in typo.stderr  # Hydra's own message
+    bad = run_cli("vae_lightning.train", "model.lr=0", f"hydra.run.dir={tmp_path}")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == ["error: model.lr=0 is not valid: it must be a number > 0"]

@@ -13,7 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
 from vae_lightning.eval import evaluate
@@ -29,6 +29,29 @@ def build(node: DictConfig, what: str, **kwargs):
             raise cause from None
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         raise UserError(f"cannot build the {what} from the config: {message}; check the {what}.* overrides") from err
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+VALUE_CHECKS = (
+    ("model.latent_dim", _positive_int, "an integer >= 1"),
+    ("model.hidden_dim", _positive_int, "an integer >= 1"),
+    ("model.lr", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    ("data.batch_size", _positive_int, "an integer >= 1"),
+    ("data.eval_batch_size", _positive_int, "an integer >= 1"),
+    ("trainer.max_epochs", _positive_int, "an integer >= 1"),
+    ("eval.k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 skips the evaluation)"),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse impossible values before any data is loaded or model built."""
+    for key, ok, expected in VALUE_CHECKS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not ok(value):
+            raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
 
 
 def check_hardware(trainer_cfg: DictConfig) -> None:
@@ -50,6 +73,7 @@ def check_hardware(trainer_cfg: DictConfig) -> None:
 
 def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     """Seed everything and build (datamodule, module, trainer) from the config."""
+    validate_config(cfg)
     check_hardware(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
