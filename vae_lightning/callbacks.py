@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import save_image
 
+from vae_lightning.errors import DivergenceError
 from vae_lightning.plots import loss_curves, sample_grid, upscale
 
 EPOCH_COLUMNS = ("epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl")
@@ -56,6 +58,11 @@ class TrainingHistory(L.Callback):
         if len(self._pending) >= self.flush_every:
             self._flush_steps(trainer)
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # validation ends with the checkpoint saves: check this epoch's steps before them
+        if not trainer.sanity_checking:
+            self._flush_steps(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush_steps(trainer)
         metrics = trainer.callback_metrics
@@ -72,9 +79,13 @@ class TrainingHistory(L.Callback):
             self.write_plot()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._flush_steps(trainer)
-        if trainer.is_global_zero and len(self.step_values):
-            self.write_plot()
+        # keep what was recorded, but never let that hide the error that stopped the run
+        try:
+            self._flush_steps(None)
+            if trainer.is_global_zero and len(self.step_values):
+                self.write_plot()
+        except Exception as err:
+            print(f"warning: could not write {self.plot_path.name}: {err}", file=sys.stderr)
 
     def _flush_steps(self, trainer: L.Trainer | None = None) -> None:
         if not self._pending:
@@ -87,6 +98,19 @@ class TrainingHistory(L.Callback):
         for logger in trainer.loggers if trainer else []:
             for step, (bce, kl) in zip(steps.tolist(), values.tolist(), strict=True):
                 logger.log_metrics({"train/bce_step": bce, "train/kl_step": kl, "train/loss_step": bce + kl}, step)
+        bad = (~torch.isfinite(values).all(dim=1)).nonzero()
+        if len(bad) and trainer is not None:
+            step, (bce, kl) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
+            lr = trainer.lightning_module.hparams.get("lr", "?") if trainer.lightning_module else "?"
+            kept = (
+                f"checkpoints/last.ckpt keeps epoch {trainer.current_epoch}"
+                if trainer.current_epoch
+                else "no epoch had finished, so no checkpoint was written"
+            )
+            raise DivergenceError(
+                f"training diverged: the per-image loss became {bce + kl:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
+                f"at step {step + 1}, epoch {trainer.current_epoch + 1}; {kept}; try a smaller model.lr (now {lr})"
+            )
 
     def write_csv(self) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)

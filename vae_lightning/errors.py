@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """MNIST is missing, incomplete or corrupt."""
+
+
+class DivergenceError(UserError):
+    """The loss became NaN or infinite."""

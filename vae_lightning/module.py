@@ -44,6 +44,25 @@ class VAEModule(L.LightningModule):
         )
         self._logged_this_epoch: set[tuple[str, str]] = set()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the reparameterisation noise is part of the run: a resumed run draws what an
+        # uninterrupted one would (data order is already fixed by the seed and epoch)
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # restored here, not on load: the sanity-check validation in between also draws noise
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            self._rng_to_restore = None
+
     def on_train_epoch_start(self) -> None:
         self._logged_this_epoch = set()
 

@@ -43,8 +43,9 @@ def loss_curves(
         if window > 1:
             ax.plot(steps, _smooth(values, window), lw=1.5, color="tab:blue", label=f"running mean ({window} steps)")
         ax.set(xlabel="optimizer step", ylabel=f"{label} per image", title=f"{label} per step")
-        if len(values):
-            lo, hi = np.nanpercentile(values, [0.5, 99.0])
+        finite = values[np.isfinite(values)]
+        if len(finite):
+            lo, hi = np.percentile(finite, [0.5, 99.0])
             ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.1 * (hi - lo))
         ax.legend()
         ax = axes[row, 1]
@@ -56,7 +57,8 @@ def loss_curves(
                 ax.plot(x, y, style, marker=marker, ms=3, label=stage)
         ax.set(xlabel="epoch", ylabel=f"{label} per image", title=f"{label} per epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         for ax in axes[row]:
             ax.grid(alpha=0.3)
     return fig

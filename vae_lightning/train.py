@@ -10,7 +10,9 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -153,12 +155,22 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
         print(f"  active units {metrics['active_units']} of {cfg.model.latent_dim} (eval.k = {metrics['k']})")
 
 
+def record_failure(cfg: DictConfig, err: Exception) -> None:
+    """Leave the reason in the run dir, where a sweep summary finds it."""
+    out = Path(OmegaConf.select(cfg, "paths.output_dir", default="."))
+    if out.is_dir():
+        (out / "metrics.json").write_text(json.dumps({"status": f"failed: {err}"}, indent=2) + "\n")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        record_failure(cfg, err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None  # the other jobs go on; the sweep summary lists this one as failed
         raise SystemExit(1) from None
     return metrics.get(cfg.get("optimized_metric"))
 
