@@ -49,3 +49,21 @@ def test_training_backpropagates_the_summed_loss_with_adam():
     for metric in trainer.callback_metrics:
         assert metric.startswith("train/")
     assert {"train/bce", "train/kl", "train/loss"} <= set(trainer.callback_metrics)
+
+
+def test_bf16_mixed_precision_trains_with_fp32_loss_terms():
+    """Under autocast the layers run in bf16; BCE and KL are still summed in fp32."""
+    x = torch.rand(512, 784).round()
+    losses = {}
+    for precision in ("32-true", "bf16-mixed"):
+        torch.manual_seed(0)
+        module = VAEModule(hidden_dim=64, latent_dim=4)
+        trainer = L.Trainer(
+            accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=TensorBatches(x, 128, EpochPermutation(512, True, 0)))
+        loss = trainer.callback_metrics["train/loss"]
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        losses[precision] = loss.item()
+    assert losses["bf16-mixed"] == pytest.approx(losses["32-true"], rel=0.02)

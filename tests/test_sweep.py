@@ -43,3 +43,24 @@ def test_multirun_over_latent_size_and_lr(mnist_dir, tmp_path):
         assert float(row["test/iw_nll"]) > 0 and float(row["wall_seconds"]) > 0
     summary_md = (sweep / "summary.md").read_text()
     assert "| job | overrides | status |" in summary_md and "trainer.max_epochs=1" in summary_md
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launcher", "values"), [("joblib", "2,8"), ("submitit_local", "2")], ids=["joblib", "submitit_local"]
+)
+def test_launcher_plugins(mnist_dir, tmp_path, launcher, values):
+    sweep = tmp_path / launcher
+    extra = ["hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = run_cli(
+        "vae_lightning.train", "-m", f"hydra/launcher={launcher}", *extra, f"model.latent_dim={values}",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "eval.k=2",
+        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(values.split(",")) and all(r["status"] == "completed" for r in rows)
+    assert rows[0]["overrides"].startswith("model.latent_dim=2")
+    for job in range(len(rows)):
+        assert (sweep / str(job) / "checkpoints" / "last.ckpt").is_file()

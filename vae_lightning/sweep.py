@@ -28,7 +28,7 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     jobs = job_dirs(sweep_dir)
     overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
     # what every job shares goes in the header; each row shows what this job varies
-    common = set.intersection(*(set(o) for o in overrides.values())) if jobs else set()
+    common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
     rows = []
     for job in jobs:
         metrics_file = job / "metrics.json"

@@ -1,0 +1,42 @@
+"""Lightning DDP on the CPU (2 processes over gloo) through the same command a user runs."""
+
+import csv
+
+import lightning as L
+import pytest
+from conftest import run_cli
+
+from vae_lightning.data import MNISTDataModule
+from vae_lightning.module import VAEModule
+
+
+def epoch_rows(run_dir):
+    with (run_dir / "epochs.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_means_the_same_as_one_process(trained_run, mnist_dir, tmp_path):
+    single_dir, _ = trained_run  # 1 process, batch 128
+    ddp_dir = tmp_path / "ddp"
+    result = run_cli(
+        "vae_lightning.train", "trainer=ddp", "trainer.devices=2", "data.batch_size=64",  # 2 x 64 = 128 a step
+        "trainer.max_epochs=1", "eval.k=2", "test=false",
+        f"data.data_dir={mnist_dir}", f"hydra.run.dir={ddp_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stderr + result.stdout
+    ddp, single = epoch_rows(ddp_dir), epoch_rows(single_dir)
+    assert len(ddp) == 1  # written once, by rank 0
+    # per-image epoch losses over all 60k images seen by both processes: the 1-process run's, within noise
+    assert float(ddp[0]["train/loss"]) == pytest.approx(float(single[0]["train/loss"]), abs=2.5)
+    assert float(ddp[0]["val/loss"]) == pytest.approx(float(single[0]["val/loss"]), abs=2.5)
+    # val/* on 2 processes (each half the test set, synced) equals one process on all of it
+    module = VAEModule.load_from_checkpoint(ddp_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    again = trainer.validate(module, datamodule=MNISTDataModule(str(mnist_dir)), verbose=False)[0]
+    assert again["val/loss"] == pytest.approx(float(ddp[0]["val/loss"]), abs=0.3)
+    assert len(list((ddp_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 1
+    assert not list(ddp_dir.glob("**/epochs*.csv"))[1:]  # no second copy from the other rank
+    for name in ("samples.png", "loss_curves.png", "metrics.json", "checkpoints/last.ckpt"):
+        assert (ddp_dir / name).exists(), name
