@@ -47,16 +47,22 @@ def test_chunking_does_not_change_the_estimate(tiny):
     assert (whole - chunked).abs().max() < 3 * (whole - other).abs().max() + 1e-3
 
 
-def test_exact_when_the_posterior_is_exact():
-    """With q(z|x) = p(z) and a decoder that ignores z, p(x,z)/q(z|x) = p(x|z) is constant, so
-    the bound equals log p(x) for every k, even k = 1."""
+def prior_posterior_constant_decoder(logit: float) -> VAE:
+    """q(z|x) = N(0, I) = p(z) for every x, and every pixel's logit is ``logit`` whatever z."""
     model = VAE(hidden_dim=8, latent_dim=2)
     with torch.no_grad():
         for layer in (model.fc_mu, model.fc_logvar, model.fc3):
             layer.weight.zero_()
             layer.bias.zero_()
         model.fc4.weight.zero_()
-        model.fc4.bias.fill_(0.3)
+        model.fc4.bias.fill_(logit)
+    return model
+
+
+def test_exact_when_the_posterior_is_exact():
+    """With q(z|x) = p(z) and a decoder that ignores z, p(x,z)/q(z|x) = p(x|z) is constant, so
+    the bound equals log p(x) for every k, even k = 1."""
+    model = prior_posterior_constant_decoder(0.3)
     x = torch.rand(3, 784)
     exact = (x * 0.3 - torch.nn.functional.softplus(torch.tensor(0.3))).sum(-1).double()
     for k in (1, 7, 300):
@@ -66,13 +72,7 @@ def test_exact_when_the_posterior_is_exact():
 def test_logsumexp_is_stable_for_extreme_weights():
     """log w around -1e5 would underflow exp() in any precision; the bound must stay finite
     and equal the analytic value."""
-    model = VAE(hidden_dim=8, latent_dim=2)
-    with torch.no_grad():
-        for layer in (model.fc_mu, model.fc_logvar, model.fc3):
-            layer.weight.zero_()
-            layer.bias.zero_()
-        model.fc4.weight.zero_()
-        model.fc4.bias.fill_(150.0)  # every pixel predicted ~1; x = 0 costs ~150 nats a pixel
+    model = prior_posterior_constant_decoder(150.0)  # every pixel ~1: x = 0 costs ~150 nats a pixel
     x = torch.zeros(2, 784)
     value = iw_log_likelihood(model, x, 50)
     assert torch.isfinite(value).all()
