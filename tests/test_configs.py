@@ -40,6 +40,7 @@ def test_defaults_are_the_seed_run(tmp_path):
     [[f"trainer={o}"] for o in options("trainer") if o != "gpu"]
     + [[f"logger={o}"] for o in options("logger")]
     + [[f"experiment={o}"] for o in options("experiment")]
+    + [[f"hparams_search={o}"] for o in options("hparams_search")]
     + [["model.latent_dim=2", "model.init=xavier_normal", "data.batch_size=64"]],
 )
 def test_every_config_builds(tmp_path, overrides):

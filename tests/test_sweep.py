@@ -64,3 +64,20 @@ def test_launcher_plugins(mnist_dir, tmp_path, launcher, values):
     assert rows[0]["overrides"].startswith("model.latent_dim=2")
     for job in range(len(rows)):
         assert (sweep / str(job) / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_optuna_search_minimises_val_loss(mnist_dir, tmp_path):
+    sweep = tmp_path / "optuna"
+    result = run_cli(
+        "vae_lightning.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+        "eval.k=2", f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = (sweep / "optimization_results.yaml").read_text()
+    assert "model.latent_dim" in best and "model.lr" in best
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    best_value = float(best.split("best_value:")[1])
+    assert best_value == pytest.approx(min(float(r["val/loss"]) for r in rows), abs=1e-3)
