@@ -3,11 +3,15 @@ tested beside the code they concern: test_configs.py, test_data.py)."""
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import lightning as L
 import pytest
 import torch
-from conftest import run_cli
+from conftest import REPO, run_cli
 from test_configs import compose_train
 
 from vae_lightning.errors import DivergenceError
@@ -69,21 +73,44 @@ def test_cli_divergence_is_one_line_and_a_sweep_goes_on(tmp_path, mnist_dir):
 
 
 @pytest.mark.slow
-def test_a_continued_run_equals_an_uninterrupted_one(tmp_path, mnist_dir):
+def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path, mnist_dir):
     common = ["+trainer.limit_train_batches=100", "eval.k=0", "test=false", f"data.data_dir={mnist_dir}"]
-    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
-    for args in (
-        ["trainer.max_epochs=3", f"hydra.run.dir={straight}"],
-        ["trainer.max_epochs=2", f"hydra.run.dir={first}"],
-        ["trainer.max_epochs=3", f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={resumed}"],
-    ):
-        result = run_cli("vae_lightning.train", *common, *args)
-        assert result.returncode == 0, result.stderr[-3000:]
-    # the same data order and the same noise: bit-identical on the CPU
-    assert (resumed / "epochs.csv").read_text() == (straight / "epochs.csv").read_text()
+    common += ["trainer.max_epochs=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_cli("vae_lightning.train", *common, f"hydra.run.dir={straight}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *common, f"hydra.run.dir={killed}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (killed / "epochs.csv").is_file() or len((killed / "epochs.csv").read_text().splitlines()) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len((killed / "epochs.csv").read_text().splitlines()) == 2  # killed during epoch 2
+
+    resumed = run_cli("vae_lightning.train", *common, f"ckpt_path={killed}", f"hydra.run.dir={tmp_path / 'new'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Continuing the run in {killed}" in resumed.stdout
+    # the same data order and the same noise: bit-identical on the CPU, in the same run dir
+    assert (killed / "epochs.csv").read_text() == (straight / "epochs.csv").read_text()
     a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     history = [v for k, v in b["callbacks"].items() if "TrainingHistory" in k][0]
-    assert len(history["steps"]) == 300  # the resumed run's curves cover all three epochs
+    assert len(history["steps"]) == 300  # the curves cover all three epochs
+
+
+def test_resume_from_nothing_is_one_clear_error(tmp_path):
+    result = run_cli(
+        "vae_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/r"
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: ckpt_path=last but no run in {tmp_path}/train/runs has checkpoints/last.ckpt"
+    ]

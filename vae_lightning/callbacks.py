@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,13 @@ class TrainingHistory(L.Callback):
 
     def write_csv(self) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.csv_path.open("w", newline="") as f:
+        partial = self.csv_path.with_suffix(".csv.partial")  # a kill mid-write leaves the old table
+        with partial.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS)
             writer.writeheader()
             for row in self.epochs:
                 writer.writerow({k: (f"{v:.6f}" if k != "epoch" else int(v)) for k, v in row.items()})
+        os.replace(partial, self.csv_path)
 
     def write_plot(self) -> None:
         fig = loss_curves(self.step_values[:, 0].tolist(), self.step_values[:, 1].tolist(), self.epochs)
