@@ -40,3 +40,23 @@ def test_two_process_ddp_means_the_same_as_one_process(trained_run, mnist_dir, t
     assert not list(ddp_dir.glob("**/epochs*.csv"))[1:]  # no second copy from the other rank
     for name in ("samples.png", "loss_curves.png", "metrics.json", "checkpoints/last.ckpt"):
         assert (ddp_dir / name).exists(), name
+
+
+@pytest.mark.slow
+def test_a_multirun_whose_jobs_use_ddp(mnist_dir, tmp_path):
+    """Lightning re-runs the command line for the other processes; in a sweep each job's children
+    must run that job alone (not the sweep) and each job needs its own process group."""
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "vae_lightning.train", "-m", "trainer=ddp", "trainer.devices=2", "model.latent_dim=2,4",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "eval.k=2",
+        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one child per job
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert [r["overrides"] for r in rows] == ["model.latent_dim=2", "model.latent_dim=4"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,10 +74,31 @@ def check_hardware(trainer_cfg: DictConfig) -> None:
         raise UserError(f"trainer.devices={devices} but only {found} GPU(s) were found; use trainer.devices={found}")
 
 
+def hand_ddp_this_job_alone(cfg: DictConfig) -> None:
+    """Lightning starts the other DDP processes by re-running the command line. In a Hydra
+    multirun that command is the whole sweep, so each child would run every job; give it this
+    job's overrides and directory instead."""
+    if "ddp" not in str(cfg.trainer.get("strategy", "")) or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    OmegaConf.set_readonly(hydra_cfg, False)
+    hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # read by Lightning for the children
+    # the previous job's process group and rendezvous settings would make Lightning think its
+    # processes already exist: start this job's group afresh
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
+        os.environ.pop(key, None)
+
+
 def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     """Seed everything and build (datamodule, module, trainer) from the config."""
     validate_config(cfg)
     check_hardware(cfg.trainer)
+    hand_ddp_this_job_alone(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     module = build(cfg.model, "model")
