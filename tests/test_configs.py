@@ -1,5 +1,6 @@
 """Every config composes and every object in it can be built."""
 
+import os
 from pathlib import Path
 
 import lightning as L
@@ -63,6 +64,16 @@ def test_gpu_config_composes_and_is_refused_cleanly_without_a_gpu(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="no CUDA GPU was found.*trainer.accelerator=auto"):
         check_hardware(cfg.trainer)
+
+
+def test_more_cpu_processes_than_cores_are_refused(tmp_path):
+    cores = os.cpu_count()
+    cfg = compose_train(tmp_path, "trainer=cpu", f"trainer.devices={cores + 1}")
+    with pytest.raises(
+        UserError, match=rf"trainer.devices={cores + 1} CPU processes but this machine has {cores} cores"
+    ):
+        check_hardware(cfg.trainer)
+    check_hardware(compose_train(tmp_path, "trainer=ddp", f"trainer.devices={cores}").trainer)
 
 
 def test_a_bad_value_names_the_group(tmp_path):

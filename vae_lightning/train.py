@@ -58,12 +58,18 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def check_hardware(trainer_cfg: DictConfig) -> None:
-    """Say plainly when the config asks for GPUs this machine does not have."""
+    """Say plainly when the config asks for GPUs, or CPU processes, this machine does not have."""
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    devices = trainer_cfg.get("devices", "auto")
+    cpu_only = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu_only and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise UserError(
+            f"trainer.devices={devices} CPU processes but this machine has {os.cpu_count()} cores; "
+            f"use trainer.devices={os.cpu_count()} or fewer"
+        )
     if accelerator not in ("gpu", "cuda"):
         return
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    devices = trainer_cfg.get("devices", "auto")
     wanted = devices if isinstance(devices, int) and devices > 0 else 1
     if found == 0:
         raise UserError(
