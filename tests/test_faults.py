@@ -1,12 +1,17 @@
-"""What the program does when things go wrong: divergence (config, data and hardware errors are
-tested beside the code they concern: test_configs.py, test_data.py)."""
+"""What the program does when things go wrong: divergence, kills, Ctrl-C, crashes, unwritable and
+full disks (config, data and hardware errors are tested beside the code they concern:
+test_configs.py, test_data.py)."""
 
 import csv
+import functools
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -36,7 +41,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
         tmp_path, f"data.data_dir={mnist_dir}", "trainer.max_epochs=3", "+trainer.limit_train_batches=30"
     )
     datamodule, module, trainer = build_run(cfg, extra_callbacks=[PoisonAtEpoch(2)])
-    with pytest.raises(DivergenceError, match=r"at step 31, epoch 2; checkpoints/last.ckpt keeps epoch 1; try a"):
+    with pytest.raises(DivergenceError, match=r"at step 31 of epoch 2; checkpoints/last.ckpt keeps epoch 1; try a"):
         trainer.fit(module, datamodule=datamodule)
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["epoch"] == 0
@@ -114,3 +119,173 @@ def test_resume_from_nothing_is_one_clear_error(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: ckpt_path=last but no run in {tmp_path}/train/runs has checkpoints/last.ckpt"
     ]
+
+
+def epochs_column(csv_path: Path) -> list[str]:
+    with csv_path.open() as f:
+        return [row["epoch"] for row in csv.DictReader(f)]
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {path.name} appeared"
+        time.sleep(0.05)
+
+
+SHORT = ["+trainer.limit_train_batches=100", "eval.k=0", "test=false", "trainer.max_epochs=2"]
+
+
+@pytest.mark.slow
+def test_the_same_config_and_seed_twice_give_identical_runs(tmp_path, mnist_dir):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        result = run_cli("vae_lightning.train", *SHORT, f"data.data_dir={mnist_dir}", f"hydra.run.dir={run}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert epochs_column(runs[0] / "epochs.csv") == ["1", "2"]
+    assert (runs[0] / "epochs.csv").read_text() == (runs[1] / "epochs.csv").read_text()
+    a, b = (load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"] for run in runs)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.slow
+def test_a_crash_in_a_callback_keeps_the_last_finished_epoch_and_says_how_to_continue(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    crash = ["+callbacks.crash._target_=faulty_callbacks.RaiseAtEpochEnd", "+callbacks.crash.epoch=2"]
+    common = [*SHORT, f"data.data_dir={mnist_dir}"]
+    env = {"PYTHONPATH": str(REPO / "tests")}
+    result = run_cli("vae_lightning.train", *common, *crash, f"hydra.run.dir={run}", env=env)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr  # a bug shows its traceback, then what was kept
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line == (
+        "error: the run crashed on RuntimeError: a callback failed at the end of epoch 2 (traceback above); "
+        f"{run}/checkpoints/last.ckpt keeps epoch 1; continue with ckpt_path={run}"
+    )
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert json.loads((run / "metrics.json").read_text())["status"].startswith("failed: the run crashed")
+
+    resumed = run_cli("vae_lightning.train", *common, f"ckpt_path={run}", f"hydra.run.dir={tmp_path / 'new'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert epochs_column(run / "epochs.csv") == ["1", "2"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_says_what_was_kept(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *SHORT, "trainer.max_epochs=20",
+         f"data.data_dir={mnist_dir}", f"hydra.run.dir={run}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(run / "checkpoints" / "last.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    kept = load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] + 1
+    assert kept < 20
+    assert f"Interrupted: {run}/checkpoints/last.ckpt keeps epoch {kept}; continue with ckpt_path={run}" in stderr
+    assert "Traceback" not in stderr
+
+
+@functools.cache
+def private_mounts() -> str | None:
+    """Why a private tmpfs cannot be mounted here (a user namespace is needed), or None."""
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, text=True)
+    return probe.stderr.strip() or f"unshare exited {probe.returncode}" if probe.returncode else None
+
+
+def in_private_mount(tmp_path: Path, script: str) -> None:
+    """Run a bash ``script`` in its own mount namespace, where it can mount a small or read-only
+    tmpfs: a real full or read-only disk without root. It sees ``$mnt`` and ``$out``."""
+    if reason := private_mounts():
+        pytest.skip(f"cannot mount a private tmpfs here: {reason}")
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    header = f'set -u\nmnt={mnt}\nout={out}\ncd {REPO}\ntrain() {{ {sys.executable} -m vae_lightning.train "$@"; }}\n'
+    result = subprocess.run(["unshare", "-rm", "bash", "-c", header + script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_an_unwritable_or_full_log_dir_is_one_line_before_anything_runs(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    single = run_cli("vae_lightning.train", f"paths.log_dir={not_a_dir}/logs")
+    sweep = run_cli("vae_lightning.train", "-m", "model.lr=1e-3,2e-3", f"paths.log_dir={not_a_dir}/logs")
+    fix = ": Not a directory; set paths.log_dir=<a writable directory>"
+    assert single.returncode == 1 and sweep.returncode == 1
+    assert single.stderr.strip().splitlines() == [f"error: cannot write to {not_a_dir}/logs/train/runs{fix}"]
+    assert re.fullmatch(f"error: cannot write to {not_a_dir}/logs/train/multiruns/[^/:]+{fix}\n", sweep.stderr)
+
+    in_private_mount(
+        tmp_path,
+        """
+mkdir $mnt/ro $mnt/full
+mount -t tmpfs -o ro tmpfs $mnt/ro
+mount -t tmpfs -o size=64k tmpfs $mnt/full && cat /dev/zero > $mnt/full/filler 2>/dev/null
+train paths.log_dir=$mnt/ro/logs 2> $out/ro.err; echo $? > $out/ro.rc
+train paths.log_dir=$mnt/full/logs 2> $out/full.err; echo $? > $out/full.rc
+""",
+    )
+    out = tmp_path / "out"
+    mnt = tmp_path / "mnt"
+    assert (out / "ro.rc").read_text().strip() == "1" and (out / "full.rc").read_text().strip() == "1"
+    assert (out / "ro.err").read_text().strip().splitlines() == [
+        f"error: cannot write to {mnt}/ro/logs/train/runs: Read-only file system; "
+        "set paths.log_dir=<a writable directory>"
+    ]
+    assert (out / "full.err").read_text().strip().splitlines() == [
+        f"error: cannot write to {mnt}/full/logs/train/runs: No space left on device; "
+        "free space on that disk, or set paths.log_dir=<a directory on another disk>"
+    ]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_mid_run_keeps_the_finished_epoch_and_the_run_continues_once_freed(tmp_path, mnist_dir):
+    args = " ".join([*SHORT, f"data.data_dir={mnist_dir}"])
+    in_private_mount(
+        tmp_path,
+        f"""
+mount -t tmpfs -o size=48m tmpfs $mnt
+train {args} hydra.run.dir=$mnt/run > $out/first.out 2> $out/first.err &
+pid=$!
+until [ -f $mnt/run/checkpoints/last.ckpt ] || ! kill -0 $pid 2>/dev/null; do sleep 0.05; done
+cat /dev/zero > $mnt/filler 2>/dev/null  # the disk is full from here on
+wait $pid; echo $? > $out/first.rc
+cp -a $mnt/run $out/stopped
+rm $mnt/filler
+train {args} ckpt_path=$mnt/run hydra.run.dir=$mnt/new > $out/resumed.out 2> $out/resumed.err
+echo $? > $out/resumed.rc
+cp -a $mnt/run $out/resumed
+""",
+    )
+    out, run = tmp_path / "out", tmp_path / "mnt" / "run"
+    stderr = (out / "first.err").read_text()
+    assert (out / "first.rc").read_text().strip() == "1", stderr[-3000:]
+    assert "Traceback" not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: No space left on device writing ")
+    assert last_line.endswith(
+        "free space on that disk, or set paths.log_dir=<a directory on another disk>; "
+        f"{run}/checkpoints/last.ckpt keeps epoch 1; continue with ckpt_path={run}"
+    )
+    stopped = out / "stopped"
+    assert epochs_column(stopped / "epochs.csv") == ["1"]
+    assert load_checkpoint(stopped / "checkpoints" / "last.ckpt")["epoch"] == 0
+    assert not list(stopped.rglob("*.partial"))  # no half-written file left behind
+    assert all(f.stat().st_size > 0 for f in stopped.glob("*.*") if f.suffix in (".png", ".json", ".csv"))
+
+    assert (out / "resumed.rc").read_text().strip() == "0", (out / "resumed.err").read_text()[-3000:]
+    resumed = out / "resumed"
+    assert epochs_column(resumed / "epochs.csv") == ["1", "2"]
+    assert (resumed / "epochs.csv").read_text().splitlines()[1] == (stopped / "epochs.csv").read_text().splitlines()[1]
+    assert (resumed / "loss_curves.png").stat().st_size > 0

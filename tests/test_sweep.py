@@ -67,17 +67,23 @@ def test_launcher_plugins(mnist_dir, tmp_path, launcher, values):
 
 
 @pytest.mark.slow
-def test_optuna_search_minimises_val_loss(mnist_dir, tmp_path):
+def test_optuna_search_minimises_val_loss_and_goes_on_past_a_diverged_trial(mnist_dir, tmp_path):
     sweep = tmp_path / "optuna"
     result = run_cli(
-        "vae_lightning.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+        "vae_lightning.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=3", "model.lr=choice(10,0.001)", "model.latent_dim=choice(2,20)",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
         "eval.k=2", f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     best = (sweep / "optimization_results.yaml").read_text()
-    assert "model.latent_dim" in best and "model.lr" in best
+    assert "model.latent_dim" in best and "model.lr: 0.001" in best
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    # the sampler (seeded) tries lr=10 too: that trial is recorded as failed and the search goes on
+    failed = [r for r in rows if r["status"].startswith("failed: training diverged")]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert failed and completed and all("model.lr=10" in r["overrides"] for r in failed)
     best_value = float(best.split("best_value:")[1])
-    assert best_value == pytest.approx(min(float(r["val/loss"]) for r in rows), abs=1e-3)
+    assert best_value == pytest.approx(min(float(r["val/loss"]) for r in completed), abs=1e-3)

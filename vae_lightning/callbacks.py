@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import save_image
 
 from vae_lightning.errors import DivergenceError
+from vae_lightning.outputs import replaced_atomically, saved_progress
 from vae_lightning.plots import loss_curves, sample_grid, upscale
 
 EPOCH_COLUMNS = ("epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl")
@@ -60,12 +60,17 @@ class TrainingHistory(L.Callback):
             self._flush_steps(trainer)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # validation ends with the checkpoint saves: check this epoch's steps before them
+        # validation may end with the checkpoint saves: check this epoch's steps before them
         if not trainer.sanity_checking:
             self._flush_steps(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check_epoch(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flush_steps(trainer)
+        self._check_epoch(trainer, pl_module)
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
         for key in EPOCH_COLUMNS[1:]:
@@ -87,6 +92,9 @@ class TrainingHistory(L.Callback):
                 self.write_plot()
         except Exception as err:
             print(f"warning: could not write {self.plot_path.name}: {err}", file=sys.stderr)
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
+            # Lightning exits after this hook: say what a Ctrl-C kept
+            print(f"Interrupted: {saved_progress(self.csv_path.parent)}", file=sys.stderr)
 
     def _flush_steps(self, trainer: L.Trainer | None = None) -> None:
         if not self._pending:
@@ -102,31 +110,32 @@ class TrainingHistory(L.Callback):
         bad = (~torch.isfinite(values).all(dim=1)).nonzero()
         if len(bad) and trainer is not None:
             step, (bce, kl) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
-            lr = trainer.lightning_module.hparams.get("lr", "?") if trainer.lightning_module else "?"
-            kept = (
-                f"checkpoints/last.ckpt keeps epoch {trainer.current_epoch}"
-                if trainer.current_epoch
-                else "no epoch had finished, so no checkpoint was written"
-            )
-            raise DivergenceError(
-                f"training diverged: the per-image loss became {bce + kl:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
-                f"at step {step + 1}, epoch {trainer.current_epoch + 1}; {kept}; try a smaller model.lr (now {lr})"
+            raise _diverged(
+                trainer,
+                f"the per-image loss became {bce + kl:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
+                f"at step {step + 1} of epoch {trainer.current_epoch + 1}",
             )
 
+    def _check_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A loss can stay finite while the weights overflow: check those and val/loss too,
+        before this epoch's checkpoints are written (Lightning saves after these hooks)."""
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None and not torch.isfinite(val_loss):
+            raise _diverged(trainer, f"val/loss became {float(val_loss):.4g} after epoch {trainer.current_epoch + 1}")
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            raise _diverged(trainer, f"the weights became infinite or NaN in epoch {trainer.current_epoch + 1}")
+
     def write_csv(self) -> None:
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.csv_path.with_suffix(".csv.partial")  # a kill mid-write leaves the old table
-        with partial.open("w", newline="") as f:
+        with replaced_atomically(self.csv_path) as partial, partial.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS)
             writer.writeheader()
             for row in self.epochs:
                 writer.writerow({k: (f"{v:.6f}" if k != "epoch" else int(v)) for k, v in row.items()})
-        os.replace(partial, self.csv_path)
 
     def write_plot(self) -> None:
         fig = loss_curves(self.step_values[:, 0].tolist(), self.step_values[:, 1].tolist(), self.epochs)
-        self.plot_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.plot_path, dpi=110)
+        with replaced_atomically(self.plot_path) as partial:
+            fig.savefig(partial, dpi=110, format="png")
 
     def state_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "steps": self.steps.clone(), "step_values": self.step_values.clone()}
@@ -135,6 +144,13 @@ class TrainingHistory(L.Callback):
         self.epochs = list(state_dict["epochs"])
         self.steps = state_dict["steps"]
         self.step_values = state_dict["step_values"]
+
+
+def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:
+    lr = trainer.lightning_module.hparams.get("lr", "?") if trainer.lightning_module else "?"
+    done = trainer.current_epoch  # finished epochs, each with its checkpoint
+    kept = f"checkpoints/last.ckpt keeps epoch {done}" if done else "no epoch had finished, so there is no checkpoint"
+    return DivergenceError(f"training diverged: {what}; {kept}; try a smaller model.lr (now {lr})")
 
 
 class SampleGrid(L.Callback):
@@ -158,7 +174,7 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(upscale(grid, self.scale), self.path)
+        with replaced_atomically(self.path) as partial:
+            save_image(upscale(grid, self.scale), partial, format="png")
         for tb in _tensorboards(trainer):
             tb.experiment.add_image(self.path.stem, grid, trainer.global_step)

@@ -3,7 +3,6 @@ importance-weighted bound, active units and the figures people look at."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from torchvision.utils import save_image
 
 from vae_lightning.errors import UserError
 from vae_lightning.model import VAE, active_units, bce_from_logits, iw_log_likelihood, kl_divergence
+from vae_lightning.outputs import describe_disk_error, replaced_atomically, write_json
 from vae_lightning.plots import (
     interpolation_grid,
     latent_scatter,
@@ -125,7 +125,7 @@ def evaluate(
         "note": LIKELIHOOD_NOTE,
         **(extra or {}),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
 
     labels = test_y.cpu()
     picks = _first_of_each_digit(labels, 0) + _first_of_each_digit(labels, 1)
@@ -143,9 +143,11 @@ def evaluate(
     if model.latent_dim == 2:
         images["manifold"] = manifold_grid(model)
     for name, grid in images.items():
-        save_image(upscale(grid, scale), out / f"{name}.png")
+        with replaced_atomically(out / f"{name}.png") as partial:
+            save_image(upscale(grid, scale), partial, format="png")
     scatter = latent_scatter(mu_all, labels)
-    scatter.savefig(out / "latent_scatter.png", dpi=110)
+    with replaced_atomically(out / "latent_scatter.png") as partial:
+        scatter.savefig(partial, dpi=110, format="png")
     if writer is not None:
         for name, grid in images.items():
             writer.add_image(f"eval/{name}", grid, step)
@@ -200,6 +202,12 @@ def main(cfg: DictConfig) -> float:
         return run(cfg)["test/iw_nll"]
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as err:
+        reason = describe_disk_error(err, cfg.paths.output_dir)
+        if reason is None:
+            raise
+        print(f"error: {reason}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

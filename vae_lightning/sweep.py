@@ -32,10 +32,13 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows = []
     for job in jobs:
         metrics_file = job / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        try:
+            metrics = json.loads(metrics_file.read_text())
+            status = metrics.get("status", "completed")
+        except (OSError, ValueError):
+            metrics, status = {}, "failed (no readable metrics.json)"
         varied = " ".join(o for o in overrides[job] if o not in common)
-        row: dict[str, Any] = {"job": job.name, "overrides": varied}
-        row["status"] = metrics.get("status", "completed" if metrics else "failed (no metrics.json)")
+        row: dict[str, Any] = {"job": job.name, "overrides": varied, "status": status}
         for key in COLUMNS[3:]:
             value = metrics.get(key)
             row[key] = round(value, 3) if isinstance(value, float) else value

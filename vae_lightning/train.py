@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -20,6 +20,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lightning.errors import UserError
 from vae_lightning.eval import evaluate
+from vae_lightning.outputs import (
+    check_writable,
+    describe_disk_error,
+    quiet_disk_errors_in_threads,
+    saved_progress,
+    write_json,
+)
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -143,6 +150,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run_dir is not None and (run_dir / "epochs.csv").is_file():
         # continue the run where it lives: its checkpoints, tables and curves grow in place
         print(f"Continuing the run in {run_dir} from {ckpt.name}")
+        check_writable(run_dir)  # Lightning 2.6 drops a checkpoint it may not write (Lightning#21800)
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     datamodule, module, trainer = build_run(cfg)
@@ -170,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics.update(
         epochs=trainer.current_epoch, checkpoint=tested, wall_seconds=round(time.perf_counter() - started, 1)
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     for tb in tensorboards:  # TensorBoard's HPARAMS view: this run's settings beside its results
         tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in HP_METRICS if k in metrics})
     report(cfg, metrics)
@@ -210,24 +218,34 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
         print(f"  active units {metrics['active_units']} of {cfg.model.latent_dim} (eval.k = {metrics['k']})")
 
 
-def record_failure(cfg: DictConfig, err: Exception) -> None:
+def record_failure(out: Path, reason: str) -> None:
     """Leave the reason in the run dir, where a sweep summary finds it."""
-    out = Path(OmegaConf.select(cfg, "paths.output_dir", default="."))
-    if out.is_dir():
-        (out / "metrics.json").write_text(json.dumps({"status": f"failed: {err}"}, indent=2) + "\n")
+    try:
+        write_json(out / "metrics.json", {"status": f"failed: {reason}"})
+    except OSError:
+        pass  # the disk that stopped the run may not take this either; the message is printed
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_disk_errors_in_threads()
     try:
         metrics = train(cfg)
+        return metrics.get(cfg.get("optimized_metric"))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        record_failure(cfg, err)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return None  # the other jobs go on; the sweep summary lists this one as failed
-        raise SystemExit(1) from None
-    return metrics.get(cfg.get("optimized_metric"))
+        reason = str(err)
+    except Exception as err:
+        out = Path(cfg.paths.output_dir)  # the resumed run's dir when train() continued one
+        reason = describe_disk_error(err, out)
+        if reason is None:  # a bug, ours or a library's: its traceback, then what was kept
+            traceback.print_exc()
+            reason = f"the run crashed on {type(err).__name__}: {err} (traceback above)"
+        reason += f"; {saved_progress(out)}"
+    print(f"error: {reason}", file=sys.stderr)
+    record_failure(Path(cfg.paths.output_dir), reason)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return None  # the other jobs go on; the sweep summary lists this one as failed
+    raise SystemExit(1)
 
 
 if __name__ == "__main__":

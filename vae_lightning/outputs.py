@@ -1,0 +1,119 @@
+"""Where a run writes: check that it can before anything starts, and when a run stops early,
+say in one line what was kept and how to continue."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from vae_lightning.errors import UserError
+
+# the disk's fault, not the code's: what to do about each
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full disk, quota, file-size limit
+DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}  # read-only mount, no permission
+
+
+@contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside ``path`` to write; it replaces ``path`` only once complete,
+    and is removed on failure: a kill or a full disk never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    with replaced_atomically(path) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` if needed and write a few bytes in it; a failure is one clear line."""
+    directory = Path(directory)
+    probe = directory / f".write_probe_{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"vae_lightning" * 80)  # a 1 kB write fails on a full disk, an empty file may not
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write to {directory}: {err.strerror or err}; {_what_to_do(err)}") from None
+
+
+def _what_to_do(err: OSError) -> str:
+    if err.errno in FULL_ERRNOS:
+        return "free space on that disk, or set paths.log_dir=<a directory on another disk>"
+    return "set paths.log_dir=<a writable directory>"
+
+
+def saved_progress(run_dir: str | Path) -> str:
+    """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "no epoch had finished, so there is no checkpoint to continue from"
+    try:
+        epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"] + 1
+    except Exception as err:  # a checkpoint we cannot read is worth saying, not worth a second traceback
+        return f"{last} could not be read ({type(err).__name__})"
+    return f"{last} keeps epoch {epoch}; continue with ckpt_path={Path(run_dir).resolve()}"
+
+
+def describe_disk_error(err: BaseException, run_dir: str | Path) -> str | None:
+    """One line for an ``OSError`` a full or read-only disk caused, or None for any other error."""
+    if not isinstance(err, OSError) or err.errno not in FULL_ERRNOS | DENIED_ERRNOS:
+        return None
+    where = f" writing {err.filename}" if err.filename else f" writing the outputs in {run_dir}"
+    return f"{err.strerror or err}{where}; {_what_to_do(err)}"
+
+
+def quiet_disk_errors_in_threads() -> None:
+    """TensorBoard writes from a thread; a full disk there would print the thread's traceback
+    before the main thread meets the same error and reports it. Make that one line."""
+    default_hook = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in FULL_ERRNOS | DENIED_ERRNOS:
+            print(f"warning: a writer thread stopped: {args.exc_value}", file=sys.stderr)
+        else:
+            default_hook(args)
+
+    threading.excepthook = hook
+
+
+class CheckOutputDir(Callback):
+    """Hydra makes the run (or sweep) dir before our code runs, so an unwritable or full disk
+    would end in Hydra's traceback. Registered in ``conf/hydra/default.yaml``; checks the dir
+    the runs go in first, in the launching process."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.run.dir).parent)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(Path(config.hydra.sweep.dir))
+
+    @staticmethod
+    def _check(directory: Path) -> None:
+        try:
+            check_writable(directory)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
