@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR, run_cli
+from conftest import CONF_DIR
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,19 +82,6 @@ def test_a_bad_value_names_the_group(tmp_path):
         build(cfg.trainer, "trainer")
 
 
-@pytest.mark.slow
-def test_cli_gpu_without_gpu_is_one_line(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    result = run_cli("vae_lightning.train", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "error: trainer.accelerator=gpu but no CUDA GPU was found on this machine; "
-        "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
-    ]
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -113,13 +100,3 @@ def test_impossible_values_are_refused_before_anything_is_built(tmp_path, overri
 
 def test_sensible_values_pass_validation(tmp_path):
     validate_config(compose_train(tmp_path, "model.latent_dim=2", "model.lr=3e-4", "eval.k=0"))
-
-
-@pytest.mark.slow
-def test_cli_misspelled_key_and_bad_value_are_one_line(tmp_path):
-    typo = run_cli("vae_lightning.train", "model.latnet_dim=2", f"hydra.run.dir={tmp_path}")
-    assert typo.returncode == 1 and "Traceback" not in typo.stderr
-    assert "Could not override 'model.latnet_dim'" in typo.stderr  # Hydra's own message
-    bad = run_cli("vae_lightning.train", "model.lr=0", f"hydra.run.dir={tmp_path}")
-    assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == ["error: model.lr=0 is not valid: it must be a number > 0"]

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from torchvision import datasets, transforms
 
 from vae_lightning.data import (
@@ -107,17 +106,3 @@ def test_truncated_and_corrupt_files_are_named(tmp_path, mnist_dir):
     with pytest.raises(DataError, match=rf"{name} is corrupt \(md5 mismatch\)"):
         ensure_mnist(tmp_path, download=False)
     assert np.frombuffer(data[8:], np.uint8).max() == 9  # the original is untouched
-
-
-@pytest.mark.slow
-def test_cli_without_data_ends_in_one_line(tmp_path):
-    result = run_cli(
-        "vae_lightning.train",
-        f"data.data_dir={tmp_path / 'nowhere'}",
-        "data.download=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr + result.stdout
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: MNIST not found") and "VAE_DATA_DIR" in last

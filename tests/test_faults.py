@@ -1,6 +1,7 @@
-"""What the program does when things go wrong: divergence, kills, Ctrl-C, crashes, unwritable and
-full disks (config, data and hardware errors are tested beside the code they concern:
-test_configs.py, test_data.py)."""
+"""What the program does when things go wrong, through the CLI as a user meets it: bad config,
+missing or corrupt data, missing hardware, divergence, kills, Ctrl-C, crashes, unwritable and full
+disks. (The checks behind the first three are unit-tested beside their code: test_configs.py,
+test_data.py.)"""
 
 import csv
 import functools
@@ -21,6 +22,64 @@ from test_configs import compose_train
 
 from vae_lightning.errors import DivergenceError
 from vae_lightning.train import build_run
+
+
+@pytest.mark.slow
+def test_cli_misspelled_key_and_bad_value_are_one_line(tmp_path):
+    typo = run_cli("vae_lightning.train", "model.latnet_dim=2", f"hydra.run.dir={tmp_path}")
+    assert typo.returncode == 1 and "Traceback" not in typo.stderr
+    assert "Could not override 'model.latnet_dim'" in typo.stderr  # Hydra's own message
+    bad = run_cli("vae_lightning.train", "model.lr=0", f"hydra.run.dir={tmp_path}")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == ["error: model.lr=0 is not valid: it must be a number > 0"]
+
+
+@pytest.mark.slow
+def test_cli_gpu_without_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("vae_lightning.train", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: trainer.accelerator=gpu but no CUDA GPU was found on this machine; "
+        "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
+    ]
+
+
+@pytest.mark.slow
+def test_cli_without_data_ends_in_one_line(tmp_path):
+    result = run_cli(
+        "vae_lightning.train",
+        f"data.data_dir={tmp_path / 'nowhere'}",
+        "data.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: MNIST not found") and "VAE_DATA_DIR" in last
+
+
+@pytest.mark.slow
+def test_cli_with_a_truncated_file_ends_in_one_line_naming_it(tmp_path, mnist_dir):
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for source in (mnist_dir / "MNIST" / "raw").glob("*-ubyte"):
+        (raw / source.name).symlink_to(source)
+    name = "train-images-idx3-ubyte"
+    (raw / name).unlink()
+    (raw / name).write_bytes((mnist_dir / "MNIST" / "raw" / name).read_bytes()[:1_000_000])
+    result = run_cli(
+        "vae_lightning.train", f"data.data_dir={tmp_path / 'data'}", "data.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after Lightning's device banner
+    assert last.startswith(f"error: MNIST file {raw / name} has 1000000 bytes, expected 47040016")
+    assert "delete it" in last and "data.data_dir" in last
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained on a partial set
 
 
 class PoisonAtEpoch(L.Callback):
