@@ -59,8 +59,19 @@ def test_shuffles_are_deterministic_per_seed_and_epoch():
 
 
 def test_shards_partition_the_permutation():
-    shards = [EpochPermutation(1001, True, seed=3, rank=r, world_size=2).indices() for r in range(2)]
-    assert torch.equal(torch.cat(shards).sort().values, torch.arange(1001))
+    shards = [EpochPermutation(1000, True, seed=3, rank=r, world_size=2).indices() for r in range(2)]
+    assert torch.equal(torch.cat(shards).sort().values, torch.arange(1000))
+
+
+def test_uneven_shards_are_padded_to_the_same_number_of_batches():
+    # 1001 images on 2 ranks in batches of 500 would be 2 and 1 batches: DDP would wait forever
+    shards = [EpochPermutation(1001, True, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [len(s) for s in shards] == [501, 501]
+    images = torch.arange(1001.0).unsqueeze(1)
+    assert [len(TensorBatches(images, 500, s)) for s in shards] == [2, 2]
+    assert [sum(len(b) for b in TensorBatches(images, 500, s)) for s in shards] == [501, 501]
+    both = torch.cat([s.indices() for s in shards])
+    assert torch.equal(both.unique(), torch.arange(1001))  # every image, one repeated
 
 
 def test_validation_batches_are_the_test_set_in_order(mnist):

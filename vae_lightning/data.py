@@ -83,8 +83,10 @@ def load_split(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
 
 class EpochPermutation:
     """Index order for one epoch, seeded by (seed, epoch) and sharded by rank like
-    ``DistributedSampler``; Lightning calls ``set_epoch`` at every epoch start, so a
-    resumed run sees the same order as an uninterrupted one."""
+    ``DistributedSampler``: when ``n`` does not split evenly, the first indices are repeated
+    so every rank gets as many batches (DDP waits for all ranks at every step). Lightning calls
+    ``set_epoch`` at every epoch start, so a resumed run sees the same order as an
+    uninterrupted one."""
 
     def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.shuffle, self.seed = n, shuffle, seed
@@ -94,7 +96,7 @@ class EpochPermutation:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world_size))
+        return math.ceil(self.n / self.world_size)
 
     def indices(self) -> Tensor:
         if self.shuffle:
@@ -102,6 +104,9 @@ class EpochPermutation:
             order = torch.randperm(self.n, generator=gen)
         else:
             order = torch.arange(self.n)
+        padding = len(self) * self.world_size - self.n
+        if padding:
+            order = torch.cat([order, order[:padding]])
         return order[self.rank :: self.world_size]
 
 
