@@ -123,6 +123,7 @@ def test_cli_divergence_is_one_line_and_a_sweep_goes_on(tmp_path, mnist_dir):
     )
     status = json.loads((tmp_path / "single" / "metrics.json").read_text())["status"]
     assert status.startswith("failed: training diverged")
+    assert last_line in (tmp_path / "single" / "train.log").read_text()
 
     sweep = tmp_path / "sweep"
     result = run_cli(

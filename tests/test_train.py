@@ -50,6 +50,8 @@ def test_three_epochs_match_the_seed_and_every_file_is_written(run):
     ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
     assert {"model.fc1.weight", "model.fc_mu.weight", "model.fc4.bias"} <= set(ckpt["state_dict"])
     assert f"Outputs in {run_dir}" in result.stdout and "test/loss" in result.stdout
+    log = (run_dir / "train.log").read_text()  # Lightning's messages and the report, with times
+    assert "GPU available" in log and f"Outputs in {run_dir}" in log and "test/iw_nll" in log
 
 
 @pytest.mark.slow

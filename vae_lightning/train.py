@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -27,6 +28,8 @@ from vae_lightning.outputs import (
     saved_progress,
     write_json,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -149,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt, run_dir = resolve_resume(cfg.get("ckpt_path"), cfg.paths.log_dir)
     if run_dir is not None and (run_dir / "epochs.csv").is_file():
         # continue the run where it lives: its checkpoints, tables and curves grow in place
-        print(f"Continuing the run in {run_dir} from {ckpt.name}")
+        log.info(f"Continuing the run in {run_dir} from {ckpt.name}")
         check_writable(run_dir)  # Lightning 2.6 drops a checkpoint it may not write (Lightning#21800)
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
@@ -206,20 +209,35 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> None:
     out = Path(cfg.paths.output_dir)
     keys = [f"{stage}/{term}" for stage in ("train", "val", "test") for term in ("loss", "bce", "kl")]
     keys.append("test/iw_nll")
-    print(f"\nOutputs in {out}")
+    lines = [f"Outputs in {out}"]
     for name in ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard"):
         if (out / name).exists():
-            print(f"  {out / name}")
-    print("Final per-image metrics:")
-    for key in keys:
-        if isinstance(metrics.get(key), float):
-            print(f"  {key:<11} {metrics[key]:9.3f}")
+            lines.append(f"  {out / name}")
+    lines.append("Final per-image metrics:")
+    lines += [f"  {key:<11} {metrics[key]:9.3f}" for key in keys if isinstance(metrics.get(key), float)]
     if "active_units" in metrics:
-        print(f"  active units {metrics['active_units']} of {cfg.model.latent_dim} (eval.k = {metrics['k']})")
+        lines.append(f"  active units {metrics['active_units']} of {cfg.model.latent_dim} (eval.k = {metrics['k']})")
+    log.info("\n".join(lines))
+
+
+def route_lightning_logs() -> None:
+    """Lightning, imported before Hydra set up logging, gave its loggers their own stderr
+    handler; hand their messages to Hydra's handlers instead, so train.log keeps them too."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+        logger.propagate = True
 
 
 def record_failure(out: Path, reason: str) -> None:
-    """Leave the reason in the run dir, where a sweep summary finds it."""
+    """Leave the reason in the run dir, where a sweep summary finds it, and in train.log (the
+    console already has it on stderr)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"error: {reason}", None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
     try:
         write_json(out / "metrics.json", {"status": f"failed: {reason}"})
     except OSError:
@@ -229,6 +247,7 @@ def record_failure(out: Path, reason: str) -> None:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_disk_errors_in_threads()
+    route_lightning_logs()
     try:
         metrics = train(cfg)
         return metrics.get(cfg.get("optimized_metric"))
