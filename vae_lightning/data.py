@@ -145,14 +145,19 @@ class MNISTDataModule(L.LightningDataModule):
         self.train_x: Tensor | None = None
         self.test_x: Tensor | None = None
         self.test_y: Tensor | None = None
+        self.checked = False  # the files were found and their checksums verified in this process
 
     def prepare_data(self) -> None:
-        ensure_mnist(self.data_dir, self.download)
+        if not self.checked:
+            ensure_mnist(self.data_dir, self.download)
+            self.checked = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.test_x is not None:
             return
-        ensure_mnist(self.data_dir, download=False)
+        if not self.checked:  # DDP ranks other than local rank 0 do not run prepare_data
+            ensure_mnist(self.data_dir, download=False)
+            self.checked = True
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         self.train_x = load_split(self.data_dir, train=True)[0].to(device)
         test_x, self.test_y = load_split(self.data_dir, train=False)

@@ -117,6 +117,8 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     hand_ddp_this_job_alone(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
+    if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first
+        datamodule.prepare_data()
     module = build(cfg.model, "model")
     callbacks = [build(node, "callbacks") for node in cfg.get("callbacks", {}).values()]
     loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
