@@ -6,6 +6,7 @@ test_data.py.)"""
 import csv
 import functools
 import json
+import os
 import re
 import shutil
 import signal
@@ -29,13 +30,16 @@ def test_cli_misspelled_key_and_bad_value_are_one_line(tmp_path):
     typo = run_cli("vae_lightning.train", "model.latnet_dim=2", f"hydra.run.dir={tmp_path}")
     assert typo.returncode == 1 and "Traceback" not in typo.stderr
     assert "Could not override 'model.latnet_dim'" in typo.stderr  # Hydra's own message
+    group = run_cli("vae_lightning.train", "trainer=gpux", f"hydra.run.dir={tmp_path}")
+    assert group.returncode == 1 and "Traceback" not in group.stderr
+    assert "Could not find 'trainer/gpux'" in group.stderr and "Available options in 'trainer'" in group.stderr
     bad = run_cli("vae_lightning.train", "model.lr=0", f"hydra.run.dir={tmp_path}")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == ["error: model.lr=0 is not valid: it must be a number > 0"]
 
 
 @pytest.mark.slow
-def test_cli_gpu_without_gpu_is_one_line(tmp_path):
+def test_cli_missing_gpus_or_cores_are_one_line(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     result = run_cli("vae_lightning.train", "trainer.accelerator=gpu", f"hydra.run.dir={tmp_path}")
@@ -44,6 +48,15 @@ def test_cli_gpu_without_gpu_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: trainer.accelerator=gpu but no CUDA GPU was found on this machine; "
         "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
+    ]
+    cores = os.cpu_count()
+    too_many = run_cli(
+        "vae_lightning.train", "trainer=ddp", f"trainer.devices={cores + 1}", f"hydra.run.dir={tmp_path}"
+    )
+    assert too_many.returncode == 1
+    assert too_many.stderr.strip().splitlines() == [
+        f"error: trainer.devices={cores + 1} CPU processes but this machine has {cores} cores; "
+        f"use trainer.devices={cores} or fewer"
     ]
 
 
