@@ -88,15 +88,14 @@ def describe_disk_error(err: BaseException, run_dir: str | Path) -> str | None:
 def quiet_disk_errors_in_threads() -> None:
     """TensorBoard writes from a thread; a full disk there would print the thread's traceback
     before the main thread meets the same error and reports it. Make that one line."""
-    default_hook = threading.excepthook
+    threading.excepthook = _one_line_for_disk_errors
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if isinstance(args.exc_value, OSError) and args.exc_value.errno in FULL_ERRNOS | DENIED_ERRNOS:
-            print(f"warning: a writer thread stopped: {args.exc_value}", file=sys.stderr)
-        else:
-            default_hook(args)
 
-    threading.excepthook = hook
+def _one_line_for_disk_errors(args: threading.ExceptHookArgs) -> None:
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in FULL_ERRNOS | DENIED_ERRNOS:
+        print(f"warning: a writer thread stopped: {args.exc_value}", file=sys.stderr)
+    else:
+        threading.__excepthook__(args)
 
 
 class CheckOutputDir(Callback):
