@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from vae_lightning.data import default_data_dir, ensure_mnist, load_split
+from vae_lightning.errors import DataError
 from vae_lightning.model import VAE, elbo_terms
 from vae_lightning.train import build_run
 
@@ -159,7 +160,10 @@ def main() -> None:
     args = parser.parse_args()
 
     data_dir = default_data_dir()
-    ensure_mnist(data_dir, download=True)
+    try:
+        ensure_mnist(data_dir, download=True)
+    except DataError as err:
+        raise SystemExit(f"error: {err}") from None
     seed, project, val, bare, floor = [], [], [], [], []
     for r in range(args.rounds):
         seed += seed_loop_epochs(data_dir, args.epochs)
