@@ -4,6 +4,7 @@ disks. (The checks behind the first three are unit-tested beside their code: tes
 test_data.py.)"""
 
 import csv
+import errno
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 from conftest import REPO, run_cli
 from test_configs import compose_train
 
+from vae_lightning.callbacks import AtomicCheckpointIO
 from vae_lightning.errors import DivergenceError
 from vae_lightning.train import build_run
 
@@ -363,3 +365,40 @@ cp -a $mnt/run $out/resumed
     assert epochs_column(resumed / "epochs.csv") == ["1", "2"]
     assert (resumed / "epochs.csv").read_text().splitlines()[1] == (stopped / "epochs.csv").read_text().splitlines()[1]
     assert (resumed / "loss_curves.png").stat().st_size > 0
+
+
+def test_checkpoints_are_written_beside_their_target_and_renamed_into_place(tmp_path, monkeypatch):
+    renames = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((Path(src), Path(dst))) or replace(src, dst))
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    for epoch in range(2):
+        AtomicCheckpointIO().save_checkpoint({"epoch": epoch}, target)
+    # a rename within one directory: never a copy over the old file, wherever /tmp is
+    assert [(src.parent, dst) for src, dst in renames] == [(target.parent, target)] * 2
+    assert load_checkpoint(target)["epoch"] == 1 and list(target.parent.iterdir()) == [target]
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_whole(tmp_path):
+    in_private_mount(
+        tmp_path,
+        f"""
+mount -t tmpfs -o size=12m tmpfs $mnt
+{sys.executable} - > $out/result 2>&1 <<PY
+import torch
+from vae_lightning.callbacks import AtomicCheckpointIO
+AtomicCheckpointIO().save_checkpoint({{"epoch": 0, "w": torch.ones(2_000_000)}}, "$mnt/last.ckpt")  # 8 MB
+try:
+    AtomicCheckpointIO().save_checkpoint({{"epoch": 1, "w": torch.zeros(2_000_000)}}, "$mnt/last.ckpt")
+except OSError as err:
+    print(err.errno, err.filename)
+PY
+ls -A $mnt > $out/files
+cp $mnt/last.ckpt $out/
+""",
+    )
+    out, mnt = tmp_path / "out", tmp_path / "mnt"
+    assert (out / "result").read_text().split() == [str(errno.ENOSPC), f"{mnt}/last.ckpt"]
+    assert (out / "files").read_text().split() == ["last.ckpt"]  # no partial file left
+    kept = load_checkpoint(out / "last.ckpt")
+    assert kept["epoch"] == 0 and torch.equal(kept["w"], torch.ones(2_000_000))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torchvision.utils import save_image
 
 from vae_lightning.errors import DivergenceError
@@ -178,3 +180,25 @@ class SampleGrid(L.Callback):
             save_image(upscale(grid, self.scale), partial, format="png")
         for tb in _tensorboards(trainer):
             tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target and renamed into place.
+
+    Lightning 2.6 writes a checkpoint to the system temp dir and moves it into place; when that
+    dir is on another filesystem (a tmpfs /tmp, a cluster's local disk) the move is a copy over
+    the old file, so a kill or a full disk mid-copy leaves a truncated ``last.ckpt``. It also
+    drops a PermissionError silently (Lightning#21800). Here the old file stays whole until the
+    new one is complete, and every error is raised, naming the file. Remote paths keep
+    Lightning's way."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            with replaced_atomically(path) as partial:
+                partial.write_bytes(buffer.getbuffer())
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from err
