@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,23 @@ from test_configs import compose_train
 from vae_lightning.callbacks import AtomicCheckpointIO
 from vae_lightning.errors import DivergenceError
 from vae_lightning.train import build_run
+
+
+def epochs_column(csv_path: Path) -> list[str]:
+    with csv_path.open() as f:
+        return [row["epoch"] for row in csv.DictReader(f)]
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Poll a running CLI process until ``ready()``; fail if it ends (or times out) first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -118,11 +136,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_finite_checkpoint(tmp_path,
     datamodule, module, trainer = build_run(cfg, extra_callbacks=[PoisonAtEpoch(2)])
     with pytest.raises(DivergenceError, match=r"at step 31 of epoch 2; checkpoints/last.ckpt keeps epoch 1; try a"):
         trainer.fit(module, datamodule=datamodule)
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
-    with (tmp_path / "epochs.csv").open() as f:
-        assert [row["epoch"] for row in csv.DictReader(f)] == ["1"]
+    assert epochs_column(tmp_path / "epochs.csv") == ["1"]
     assert (tmp_path / "loss_curves.png").is_file()
 
 
@@ -165,10 +182,8 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
         [sys.executable, "-m", "vae_lightning.train", *common, f"hydra.run.dir={killed}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (killed / "epochs.csv").is_file() or len((killed / "epochs.csv").read_text().splitlines()) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
+    csv_path = killed / "epochs.csv"
+    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "epoch 1 ended")
     time.sleep(0.3)  # into epoch 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -179,8 +194,8 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
     assert f"Continuing the run in {killed}" in resumed.stdout
     # the same data order and the same noise: bit-identical on the CPU, in the same run dir
     assert (killed / "epochs.csv").read_text() == (straight / "epochs.csv").read_text()
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = load_checkpoint(straight / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(killed / "checkpoints" / "last.ckpt")
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     history = [v for k, v in b["callbacks"].items() if "TrainingHistory" in k][0]
@@ -195,22 +210,6 @@ def test_resume_from_nothing_is_one_clear_error(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: ckpt_path=last but no run in {tmp_path}/train/runs has checkpoints/last.ckpt"
     ]
-
-
-def epochs_column(csv_path: Path) -> list[str]:
-    with csv_path.open() as f:
-        return [row["epoch"] for row in csv.DictReader(f)]
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.is_file():
-        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {path.name} appeared"
-        time.sleep(0.05)
 
 
 SHORT = ["+trainer.limit_train_batches=100", "eval.k=0", "test=false", "trainer.max_epochs=2"]
@@ -260,7 +259,7 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_kept(tmp_path, mnist_dir):
          f"data.data_dir={mnist_dir}", f"hydra.run.dir={run}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    wait_for(run / "checkpoints" / "last.ckpt", proc)
+    wait_until((run / "checkpoints" / "last.ckpt").is_file, proc, "last.ckpt appeared")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 1
