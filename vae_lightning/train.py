@@ -155,7 +155,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if run_dir is not None and (run_dir / "epochs.csv").is_file():
         # continue the run where it lives: its checkpoints, tables and curves grow in place
         log.info(f"Continuing the run in {run_dir} from {ckpt.name}")
-        check_writable(run_dir)  # Lightning 2.6 drops a checkpoint it may not write (Lightning#21800)
+        check_writable(run_dir)  # say so now, not after an epoch of training
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     datamodule, module, trainer = build_run(cfg)
