@@ -367,14 +367,21 @@ cp -a $mnt/run $out/resumed
 
 
 def test_checkpoints_are_written_beside_their_target_and_renamed_into_place(tmp_path, monkeypatch):
-    renames = []
-    replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((Path(src), Path(dst))) or replace(src, dst))
+    events = []
+    replace, fsync = os.replace, os.fsync
+    monkeypatch.setattr(
+        os, "replace", lambda src, dst: events.append(("rename", Path(src), Path(dst))) or replace(src, dst)
+    )
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}")))) or fsync(fd)
+    )
     target = tmp_path / "checkpoints" / "last.ckpt"
+    partial = target.with_name("last.ckpt.partial")
     for epoch in range(2):
         AtomicCheckpointIO().save_checkpoint({"epoch": epoch}, target)
-    # a rename within one directory: never a copy over the old file, wherever /tmp is
-    assert [(src.parent, dst) for src, dst in renames] == [(target.parent, target)] * 2
+    # a rename within one directory, never a copy over the old file wherever /tmp is; the new file
+    # reaches the disk before the rename, and the rename before the next epoch starts
+    assert events == [("fsync", partial), ("rename", partial, target), ("fsync", target.parent)] * 2
     assert load_checkpoint(target)["epoch"] == 1 and list(target.parent.iterdir()) == [target]
 
 

@@ -189,8 +189,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     dir is on another filesystem (a tmpfs /tmp, a cluster's local disk) the move is a copy over
     the old file, so a kill or a full disk mid-copy leaves a truncated ``last.ckpt``. It also
     drops a PermissionError silently (Lightning#21800). Here the old file stays whole until the
-    new one is complete, and every error is raised, naming the file. Remote paths keep
-    Lightning's way."""
+    new one is complete and on disk (a power cut keeps one of the two), and every error is
+    raised, naming the file. Remote paths keep Lightning's way."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if "://" in str(path) or storage_options is not None:
@@ -198,7 +198,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
-            with replaced_atomically(path) as partial:
+            with replaced_atomically(path, durable=True) as partial:
                 partial.write_bytes(buffer.getbuffer())
         except OSError as err:
             raise OSError(err.errno, err.strerror, str(path)) from err

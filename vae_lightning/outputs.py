@@ -25,17 +25,32 @@ DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}  # read-only mount, no 
 
 
 @contextmanager
-def replaced_atomically(path: str | Path) -> Iterator[Path]:
+def replaced_atomically(path: str | Path, durable: bool = False) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` to write; it replaces ``path`` only once complete,
-    and is removed on failure: a kill or a full disk never leaves a half-written file."""
+    and is removed on failure: a kill or a full disk never leaves a half-written file.
+
+    ``durable`` also survives a power cut: the new file is on disk before the rename, and the
+    rename before this returns (without it, the kernel may write the rename first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
         yield partial
+        if durable:
+            _fsync(partial)
         os.replace(partial, path)
+        if durable and os.name == "posix":  # a directory cannot be opened for fsync on Windows
+            _fsync(path.parent)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str | Path, data: dict) -> None:
