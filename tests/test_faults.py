@@ -202,6 +202,56 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
     assert len(history["steps"]) == 300  # the curves cover all three epochs
 
 
+@pytest.mark.slow
+def test_a_sweep_killed_mid_job_continues_where_it_stopped(tmp_path, mnist_dir):
+    sweep = ["-m", "model.latent_dim=2,3", "+trainer.limit_train_batches=100", "trainer.max_epochs=3"]
+    sweep += ["eval.k=0", "test=false", f"data.data_dir={mnist_dir}"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = run_cli("vae_lightning.train", *sweep, f"hydra.sweep.dir={straight}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *sweep, f"hydra.sweep.dir={killed}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    csv_path = killed / "1" / "epochs.csv"
+    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "job 1 epoch 1")
+    time.sleep(0.3)  # into the second job's epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = (killed / "0" / "metrics.json").read_bytes()
+    assert not (killed / "1" / "metrics.json").exists()
+
+    # which sweep to continue must be said: a new sweep dir would have nothing to continue
+    unsaid = run_cli("vae_lightning.train", *sweep, "ckpt_path=last", f"paths.log_dir={tmp_path / 'logs'}")
+    assert unsaid.returncode == 1 and len(unsaid.stderr.strip().splitlines()) == 1
+    assert unsaid.stderr.startswith("error: in a multirun, ckpt_path=last continues each job of an earlier sweep")
+
+    resumed = run_cli("vae_lightning.train", *sweep, "ckpt_path=last", f"hydra.sweep.dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"This job finished before, in {killed / '0'} (epoch 3): its results are kept" in resumed.stdout
+    assert f"Continuing the run in {killed / '1'}" in resumed.stdout
+    assert (killed / "0" / "metrics.json").read_bytes() == finished  # a finished job is not run again
+    for job in ("0", "1"):
+        assert (killed / job / "epochs.csv").read_text() == (straight / job / "epochs.csv").read_text(), job
+    a = load_checkpoint(straight / "1" / "checkpoints" / "last.ckpt")["state_dict"]
+    b = load_checkpoint(killed / "1" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    with (killed / "summary.csv").open() as f:
+        assert [row["status"] for row in csv.DictReader(f)] == ["completed", "completed"]
+
+
+@pytest.mark.slow
+def test_continuing_with_other_model_settings_is_one_line(tmp_path, trained_run):
+    run_dir, _ = trained_run
+    result = run_cli("vae_lightning.train", f"ckpt_path={run_dir}", "model.latent_dim=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run_dir}/checkpoints/last.ckpt was trained with other settings: model.latent_dim=2 (the checkpoint "
+        "has 20); continue it with the same model.* values, or start a new run without ckpt_path"
+    ]
+
+
 def test_resume_from_nothing_is_one_clear_error(tmp_path):
     result = run_cli(
         "vae_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/r"

@@ -28,6 +28,7 @@ from vae_lightning.outputs import (
     saved_progress,
     write_json,
 )
+from vae_lightning.resume import check_same_model, plan_resume
 
 log = logging.getLogger(__name__)
 
@@ -127,39 +128,28 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     return datamodule, module, trainer
 
 
-def resolve_resume(ckpt_path: str | None, log_dir: str | Path) -> tuple[Path | None, Path | None]:
-    """``ckpt_path``: a checkpoint file, a run dir (its last.ckpt), or ``last`` (the newest
-    run's last.ckpt). Returns (checkpoint, its run dir when it lies in one)."""
-    if ckpt_path in (None, ""):
-        return None, None
-    if str(ckpt_path) == "last":
-        runs = sorted((Path(log_dir) / "train" / "runs").glob("*/checkpoints/last.ckpt"))
-        if not runs:
-            runs_dir = Path(log_dir) / "train" / "runs"
-            raise UserError(f"ckpt_path=last but no run in {runs_dir} has checkpoints/last.ckpt")
-        ckpt = runs[-1]
-    else:
-        ckpt = Path(ckpt_path).expanduser()
-        if ckpt.is_dir():
-            ckpt = ckpt / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            raise UserError(f"checkpoint {ckpt} does not exist; pass ckpt_path=<file.ckpt>, a run dir, or last")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return ckpt.resolve(), run_dir.resolve() if run_dir else None
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, evaluate it; write ``metrics.json`` and return the metrics."""
     started = time.perf_counter()
-    ckpt, run_dir = resolve_resume(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    job_dir = Path(cfg.paths.output_dir) if sweep_job else None
+    resume = plan_resume(cfg.get("ckpt_path"), cfg.paths.log_dir, job_dir, cfg.trainer.max_epochs)
+    if resume.finished is not None:
+        log.info(f"This job finished before, in {job_dir} (epoch {resume.finished['epochs']}): its results are kept")
+        return resume.finished
+    if resume.checkpoint is not None:
+        check_same_model(resume.checkpoint, cfg.model)
+    elif job_dir is not None and cfg.get("ckpt_path") == "last":
+        log.info(f"Nothing to continue in {job_dir}: this job starts from epoch 1")
+    run_dir = resume.run_dir
     if run_dir is not None and (run_dir / "epochs.csv").is_file():
         # continue the run where it lives: its checkpoints, tables and curves grow in place
-        log.info(f"Continuing the run in {run_dir} from {ckpt.name}")
+        log.info(f"Continuing the run in {run_dir} from {resume.checkpoint.name}")
         check_writable(run_dir)  # say so now, not after an epoch of training
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     datamodule, module, trainer = build_run(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
     metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     tested = "weights after the last epoch"
