@@ -37,6 +37,24 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa)
+
+
+def kill_early_in_epoch_2(args: list[str], csv_path: Path) -> None:
+    """Start ``python -m vae_lightning.train <args>``; SIGKILL it just after ``csv_path`` (the
+    killed run's epochs.csv) records epoch 1, so the kill lands in epoch 2."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "epoch 1 ended")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
     """Poll a running CLI process until ``ready()``; fail if it ends (or times out) first."""
     deadline = time.monotonic() + timeout
@@ -178,15 +196,7 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
     result = run_cli("vae_lightning.train", *common, f"hydra.run.dir={straight}")
     assert result.returncode == 0, result.stderr[-3000:]
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *common, f"hydra.run.dir={killed}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    csv_path = killed / "epochs.csv"
-    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "epoch 1 ended")
-    time.sleep(0.3)  # into epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_early_in_epoch_2([*common, f"hydra.run.dir={killed}"], killed / "epochs.csv")
     assert len((killed / "epochs.csv").read_text().splitlines()) == 2  # killed during epoch 2
 
     resumed = run_cli("vae_lightning.train", *common, f"ckpt_path={killed}", f"hydra.run.dir={tmp_path / 'new'}")
@@ -194,11 +204,9 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
     assert f"Continuing the run in {killed}" in resumed.stdout
     # the same data order and the same noise: bit-identical on the CPU, in the same run dir
     assert (killed / "epochs.csv").read_text() == (straight / "epochs.csv").read_text()
-    a = load_checkpoint(straight / "checkpoints" / "last.ckpt")
-    b = load_checkpoint(killed / "checkpoints" / "last.ckpt")
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    history = [v for k, v in b["callbacks"].items() if "TrainingHistory" in k][0]
+    assert same_weights(straight / "checkpoints" / "last.ckpt", killed / "checkpoints" / "last.ckpt")
+    callbacks = load_checkpoint(killed / "checkpoints" / "last.ckpt")["callbacks"]
+    history = [v for k, v in callbacks.items() if "TrainingHistory" in k][0]
     assert len(history["steps"]) == 300  # the curves cover all three epochs
 
 
@@ -210,15 +218,7 @@ def test_a_sweep_killed_mid_job_continues_where_it_stopped(tmp_path, mnist_dir):
     result = run_cli("vae_lightning.train", *sweep, f"hydra.sweep.dir={straight}")
     assert result.returncode == 0, result.stderr[-3000:]
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *sweep, f"hydra.sweep.dir={killed}"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    csv_path = killed / "1" / "epochs.csv"
-    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "job 1 epoch 1")
-    time.sleep(0.3)  # into the second job's epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_early_in_epoch_2([*sweep, f"hydra.sweep.dir={killed}"], killed / "1" / "epochs.csv")  # in job 1
     finished = (killed / "0" / "metrics.json").read_bytes()
     assert not (killed / "1" / "metrics.json").exists()
 
@@ -234,9 +234,7 @@ def test_a_sweep_killed_mid_job_continues_where_it_stopped(tmp_path, mnist_dir):
     assert (killed / "0" / "metrics.json").read_bytes() == finished  # a finished job is not run again
     for job in ("0", "1"):
         assert (killed / job / "epochs.csv").read_text() == (straight / job / "epochs.csv").read_text(), job
-    a = load_checkpoint(straight / "1" / "checkpoints" / "last.ckpt")["state_dict"]
-    b = load_checkpoint(killed / "1" / "checkpoints" / "last.ckpt")["state_dict"]
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(straight / "1" / "checkpoints" / "last.ckpt", killed / "1" / "checkpoints" / "last.ckpt")
     with (killed / "summary.csv").open() as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["completed", "completed"]
 
@@ -273,8 +271,7 @@ def test_the_same_config_and_seed_twice_give_identical_runs(tmp_path, mnist_dir)
         assert result.returncode == 0, result.stderr[-3000:]
     assert epochs_column(runs[0] / "epochs.csv") == ["1", "2"]
     assert (runs[0] / "epochs.csv").read_text() == (runs[1] / "epochs.csv").read_text()
-    a, b = (load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"] for run in runs)
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert same_weights(*(run / "checkpoints" / "last.ckpt" for run in runs))
 
 
 @pytest.mark.slow
