@@ -58,6 +58,15 @@ def write_json(path: str | Path, data: dict) -> None:
         partial.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def read_json(path: str | Path) -> dict | None:
+    """What ``write_json`` wrote, or None where there is no readable file (a run that never got
+    that far, or a disk that filled up before these files were written whole)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check_writable(directory: str | Path) -> None:
     """Create ``directory`` if needed and write a few bytes in it; a failure is one clear line."""
     directory = Path(directory)

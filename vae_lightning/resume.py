@@ -3,7 +3,6 @@ each job's own dir, so that a stopped sweep picks up where it stopped."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vae_lightning.errors import UserError
+from vae_lightning.outputs import read_json
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state)
@@ -55,10 +55,7 @@ def plan_resume(
 
 
 def _sweep_job(job_dir: Path, max_epochs: int | None) -> Resume:
-    try:
-        metrics = json.loads((job_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
+    metrics = read_json(job_dir / "metrics.json") or {}
     if "status" not in metrics and max_epochs is not None and metrics.get("epochs", 0) >= max_epochs:
         return Resume(finished=metrics)
     last = job_dir / "checkpoints" / "last.ckpt"

@@ -4,12 +4,13 @@ in the sweep dir, one row per job (its overrides and final metrics)."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.outputs import read_json
 
 COLUMNS = (
     "job", "overrides", "status", "epochs",
@@ -31,12 +32,9 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
     rows = []
     for job in jobs:
-        metrics_file = job / "metrics.json"
-        try:
-            metrics = json.loads(metrics_file.read_text())
-            status = metrics.get("status", "completed")
-        except (OSError, ValueError):
-            metrics, status = {}, "failed (no readable metrics.json)"
+        metrics = read_json(job / "metrics.json")
+        status = "failed (no readable metrics.json)" if metrics is None else metrics.get("status", "completed")
+        metrics = metrics or {}
         varied = " ".join(o for o in overrides[job] if o not in common)
         row: dict[str, Any] = {"job": job.name, "overrides": varied, "status": status}
         for key in COLUMNS[3:]:
