@@ -6,6 +6,8 @@ import pytest
 from conftest import run_cli
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from vae_lightning.sweep import summarise
+
 
 def hparams_plugin_present(run_dir) -> bool:
     for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
@@ -87,3 +89,22 @@ def test_optuna_search_minimises_val_loss_and_goes_on_past_a_diverged_trial(mnis
     assert failed and completed and all("model.lr=10" in r["overrides"] for r in failed)
     best_value = float(best.split("best_value:")[1])
     assert best_value == pytest.approx(min(float(r["val/loss"]) for r in completed), abs=1e-3)
+
+
+def test_the_summary_lists_jobs_without_a_readable_metrics_json_as_failed(tmp_path):
+    metrics = {"0": '{"epochs": 2, "val/loss": 101.23456}', "1": '{"status": "failed: training diverged"}'}
+    metrics |= {"2": "", "3": None}  # a disk that filled up mid-write; a job killed before the end
+    for job, text in metrics.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- model.latent_dim={job}\n- seed=1\n")
+        if text is not None:
+            (tmp_path / job / "metrics.json").write_text(text)
+    rows = summarise(tmp_path)
+    assert [(r["overrides"], r["status"]) for r in rows] == [
+        ("model.latent_dim=0", "completed"),
+        ("model.latent_dim=1", "failed: training diverged"),
+        ("model.latent_dim=2", "failed (no readable metrics.json)"),
+        ("model.latent_dim=3", "failed (no readable metrics.json)"),
+    ]
+    assert rows[0]["epochs"] == 2 and rows[0]["val/loss"] == 101.235
+    assert "Overrides shared by every job: `seed=1`" in (tmp_path / "summary.md").read_text()
