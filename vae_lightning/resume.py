@@ -34,9 +34,9 @@ def plan_resume(
     last.ckpt or, for a multirun job (``job_dir``), that job's own."""
     if ckpt_path in (None, ""):
         return Resume()
-    if job_dir is not None and str(ckpt_path) == "last":
-        return _sweep_job(job_dir, max_epochs)
     if str(ckpt_path) == "last":
+        if job_dir is not None:
+            return _sweep_job(job_dir, max_epochs)
         runs_dir = Path(log_dir) / "train" / "runs"
         runs = sorted(runs_dir.glob("*/checkpoints/last.ckpt"))
         if not runs:
