@@ -6,13 +6,7 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from vae_lightning.data import (
-    MNIST_FILES,
-    EpochPermutation,
-    MNISTDataModule,
-    TensorBatches,
-    ensure_mnist,
-)
+from vae_lightning.data import MNIST_FILES, MNISTDataModule, ensure_mnist, tensor_loader
 from vae_lightning.errors import DataError
 
 
@@ -46,32 +40,42 @@ def test_train_batches_cover_the_set_once_and_keep_the_last_partial_batch(mnist)
     assert torch.allclose(sums.sort().values, mnist.train_x.sum(1).double().sort().values)
 
 
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int = 0, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """The image indices the training loader yields in one epoch."""
+    loader = tensor_loader(torch.arange(float(n)), 64, shuffle, seed, rank, world_size)
+    loader.sampler.set_epoch(epoch)  # as Lightning does at every epoch start
+    return torch.cat(list(loader)).long()
+
+
 def test_shuffles_are_deterministic_per_seed_and_epoch():
-    a, b = EpochPermutation(1000, True, seed=0), EpochPermutation(1000, True, seed=0)
-    assert torch.equal(a.indices(), b.indices())
-    first = a.indices()
-    a.set_epoch(1)
-    assert not torch.equal(first, a.indices())
-    b.set_epoch(1)
-    assert torch.equal(a.indices(), b.indices())
-    assert not torch.equal(EpochPermutation(1000, True, seed=1).indices(), first)
-    assert torch.equal(EpochPermutation(1000, False, seed=0).indices(), torch.arange(1000))
+    first = epoch_order(1000, True, seed=0)
+    assert torch.equal(first, epoch_order(1000, True, seed=0))
+    assert not torch.equal(first, epoch_order(1000, True, seed=0, epoch=1))
+    assert torch.equal(epoch_order(1000, True, seed=0, epoch=1), epoch_order(1000, True, seed=0, epoch=1))
+    assert not torch.equal(epoch_order(1000, True, seed=1), first)
+    assert torch.equal(first.sort().values, torch.arange(1000))
+    assert torch.equal(epoch_order(1000, False, seed=0), torch.arange(1000))
+
+
+def test_the_order_is_seed_plus_epoch_as_in_the_reference_permutation():
+    """A resumed run must see the order an uninterrupted one saw: randperm seeded by seed + epoch."""
+    expected = torch.randperm(1000, generator=torch.Generator().manual_seed(7 + 3))
+    assert torch.equal(epoch_order(1000, True, seed=7, epoch=3), expected)
 
 
 def test_shards_partition_the_permutation():
-    shards = [EpochPermutation(1000, True, seed=3, rank=r, world_size=2).indices() for r in range(2)]
+    shards = [epoch_order(1000, True, seed=3, rank=r, world_size=2) for r in range(2)]
     assert torch.equal(torch.cat(shards).sort().values, torch.arange(1000))
 
 
 def test_uneven_shards_are_padded_to_the_same_number_of_batches():
     # 1001 images on 2 ranks in batches of 500 would be 2 and 1 batches: DDP would wait forever
-    shards = [EpochPermutation(1001, True, seed=3, rank=r, world_size=2) for r in range(2)]
+    images = torch.arange(1001.0)
+    loaders = [tensor_loader(images, 500, True, 3, r, 2) for r in range(2)]
+    assert [len(loader) for loader in loaders] == [2, 2]
+    shards = [torch.cat(list(loader)).long() for loader in loaders]
     assert [len(s) for s in shards] == [501, 501]
-    images = torch.arange(1001.0).unsqueeze(1)
-    assert [len(TensorBatches(images, 500, s)) for s in shards] == [2, 2]
-    assert [sum(len(b) for b in TensorBatches(images, 500, s)) for s in shards] == [501, 501]
-    both = torch.cat([s.indices() for s in shards])
-    assert torch.equal(both.unique(), torch.arange(1001))  # every image, one repeated
+    assert torch.equal(torch.cat(shards).unique(), torch.arange(1001))  # every image, one repeated
 
 
 def test_validation_batches_are_the_test_set_in_order(mnist):
@@ -81,7 +85,7 @@ def test_validation_batches_are_the_test_set_in_order(mnist):
 
 def test_batches_follow_the_tensor_device():
     images = torch.rand(10, 784)
-    loader = TensorBatches(images, 4, EpochPermutation(10, True, 0))
+    loader = tensor_loader(images, 4, True, 0, 0, 1)
     assert [b.shape[0] for b in loader] == [4, 4, 2]
     assert all(b.device == images.device for b in loader)
 

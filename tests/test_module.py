@@ -2,7 +2,7 @@ import lightning as L
 import pytest
 import torch
 
-from vae_lightning.data import EpochPermutation, TensorBatches
+from vae_lightning.data import tensor_loader
 from vae_lightning.model import VAE, bce_from_logits, kl_divergence
 from vae_lightning.module import VAEModule
 
@@ -22,7 +22,7 @@ def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
     x = torch.rand(300, 784).round()
     x[:128] *= 0.1  # make batch means differ, so an unweighted mean would be visibly off
     module = VAEModule(hidden_dim=32, latent_dim=4)
-    loader = TensorBatches(x, 128, EpochPermutation(300, False, 0))
+    loader = tensor_loader(x, 128, False, 0, 0, 1)
     result = _trainer().validate(module, dataloaders=loader, verbose=False)[0]
     with torch.no_grad():
         mu, logvar = module.model.encode(x)
@@ -38,7 +38,7 @@ def test_training_backpropagates_the_summed_loss_with_adam():
     module = VAEModule(hidden_dim=32, latent_dim=4, lr=1e-3)
     x = torch.rand(256, 784)
     trainer = _trainer()
-    trainer.fit(module, train_dataloaders=TensorBatches(x, 128, EpochPermutation(256, True, 0)))
+    trainer.fit(module, train_dataloaders=tensor_loader(x, 128, True, 0, 0, 1))
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-3
     assert opt.defaults["fused"] is True  # the CPU has the fused kernel
@@ -62,7 +62,7 @@ def test_bf16_mixed_precision_trains_with_fp32_loss_terms():
             accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, max_epochs=2,
         )  # fmt: skip
-        trainer.fit(module, train_dataloaders=TensorBatches(x, 128, EpochPermutation(512, True, 0)))
+        trainer.fit(module, train_dataloaders=tensor_loader(x, 128, True, 0, 0, 1))
         loss = trainer.callback_metrics["train/loss"]
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
         losses[precision] = loss.item()

@@ -5,3 +5,6 @@ import warnings
 # Lightning 2.6 builds torch's LeafSpec, which torch 2.14 deprecates: a warning on every run that
 # no user can act on (Lightning's to fix)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# the data are tensors on the training device, indexed once per batch: worker processes would
+# only copy them (Lightning suggests workers for every DataLoader)
+warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")

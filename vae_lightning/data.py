@@ -1,18 +1,17 @@
-"""MNIST as flattened [0, 1] tensors held on the training device, batched by slicing."""
+"""MNIST: finding and checking the files, and flattened [0, 1] tensors held on the training device."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
-import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 
 from vae_lightning.errors import DataError
@@ -81,50 +80,34 @@ def load_split(data_dir: str | Path, train: bool) -> tuple[Tensor, Tensor]:
     return ds.data.reshape(len(ds.data), -1).float().div_(255), ds.targets.clone()
 
 
-class EpochPermutation:
-    """Index order for one epoch, seeded by (seed, epoch) and sharded by rank like
-    ``DistributedSampler``: when ``n`` does not split evenly, the first indices are repeated
-    so every rank gets as many batches (DDP waits for all ranks at every step). Lightning calls
-    ``set_epoch`` at every epoch start, so a resumed run sees the same order as an
-    uninterrupted one."""
+class TensorImages(Dataset):
+    """The images of one split as a device-resident tensor; a batch is one indexing operation
+    (``__getitems__``), not a collate of per-image samples."""
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, images: Tensor) -> None:
+        self.images = images
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        return len(self.images)
 
-    def indices(self) -> Tensor:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
-        padding = len(self) * self.world_size - self.n
-        if padding:
-            order = torch.cat([order, order[:padding]])
-        return order[self.rank :: self.world_size]
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images[index]
+
+    def __getitems__(self, indices: list[int]) -> Tensor:
+        return self.images[torch.as_tensor(indices, device=self.images.device)]
 
 
-class TensorBatches:
-    """An iterable of (batch_size, 784) slices of a device-resident tensor; the last,
-    partial batch is kept, as the seed's DataLoader does."""
+def _as_batch(batch: Tensor) -> Tensor:  # __getitems__ already made the batch
+    return batch
 
-    def __init__(self, images: Tensor, batch_size: int, sampler: EpochPermutation) -> None:
-        self.images, self.batch_size, self.sampler = images, batch_size, sampler
-        self.batch_sampler = None  # DataLoader's attribute, which Lightning inspects
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        order = self.sampler.indices().to(self.images.device)
-        for start in range(0, len(order), self.batch_size):
-            yield self.images[order[start : start + self.batch_size]]
+def tensor_loader(images: Tensor, batch_size: int, shuffle: bool, seed: int, rank: int, world_size: int) -> DataLoader:
+    """Batches of ``images`` in the order of torch's ``DistributedSampler``: a permutation seeded by
+    (seed, epoch), padded and sharded by rank (one shard on one process). Lightning sets its epoch,
+    so a resumed run sees the same order as an uninterrupted one; the last partial batch is kept,
+    as the reference notebook's DataLoader keeps it."""
+    sampler = DistributedSampler(TensorImages(images), world_size, rank, shuffle=shuffle, seed=seed)
+    return DataLoader(sampler.dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch)
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -168,12 +151,10 @@ class MNISTDataModule(L.LightningDataModule):
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
 
-    def train_dataloader(self) -> TensorBatches:
-        sampler = EpochPermutation(len(self.train_x), True, self.seed, *self._rank())
-        return TensorBatches(self.train_x, self.batch_size, sampler)
+    def train_dataloader(self) -> DataLoader:
+        return tensor_loader(self.train_x, self.batch_size, True, self.seed, *self._rank())
 
-    def val_dataloader(self) -> TensorBatches:
-        sampler = EpochPermutation(len(self.test_x), False, self.seed, *self._rank())
-        return TensorBatches(self.test_x, self.eval_batch_size, sampler)
+    def val_dataloader(self) -> DataLoader:
+        return tensor_loader(self.test_x, self.eval_batch_size, False, self.seed, *self._rank())
 
     test_dataloader = val_dataloader

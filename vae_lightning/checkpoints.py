@@ -1,0 +1,80 @@
+"""Checkpoints: which file a run dir means, reading one without running its code, writing one whole."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
+
+from vae_lightning.errors import UserError
+from vae_lightning.outputs import replaced_atomically
+
+
+def find_checkpoint(path: str | Path, which: Literal["best", "last"]) -> Path:
+    """A checkpoint file as given, or in a run dir (or its ``checkpoints/``) the ``best`` weights
+    by val/loss or the ``last`` epoch's."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if not p.is_dir():
+        raise UserError(f"checkpoint {p} does not exist; pass ckpt_path=<file.ckpt> or a training run dir")
+    folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    last = folder / "last.ckpt"
+    best = sorted(folder.glob("epoch_*.ckpt"))
+    if which == "best" and len(best) > 1 and last.is_file():  # the ModelCheckpoint state knows which
+        states = load_checkpoint(last).get("callbacks", {})
+        named = [v.get("best_model_path") for k, v in states.items() if "ModelCheckpoint" in k]
+        best = [Path(b) for b in named if b and Path(b).is_file()] or best
+    candidates = best[:1] + [last] if which == "best" else [last]
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        raise UserError(f"no {which} checkpoint in {folder}; pass ckpt_path=<file.ckpt> or a run dir with checkpoints/")
+    return found[0].resolve()
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint read by torch's safe unpickler: tensors, numbers, strings and containers, which
+    is all this project saves. A file that needs anything else could run code: refused, in one line."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "an object that is not a tensor, number or string"
+        raise UserError(
+            f"refusing checkpoint {path}: it holds {what}, which a vae_lightning checkpoint never does and "
+            "which could run code when loaded; use a checkpoint written by vae_lightning"
+        ) from None
+    except Exception as err:  # truncated, damaged, not a checkpoint: torch's first line says which
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise UserError(f"cannot read checkpoint {path}: {reason}; pass another ckpt_path") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written beside their target and renamed into place, and read safely.
+
+    Lightning's own save writes to the system temp dir and moves the file into place; when that
+    dir is on another filesystem (a tmpfs /tmp, a cluster's local disk) the move is a copy over
+    the old file, so a kill or a full disk mid-copy leaves a truncated ``last.ckpt``, and it drops
+    a PermissionError silently (Lightning#21800). Here the old file stays whole until the new one
+    is complete and on disk (a power cut keeps one of the two), and every error names the file.
+    Loading (``ckpt_path=...``) goes through ``load_checkpoint``: no checkpoint runs code.
+    Remote paths keep Lightning's way of saving."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            with replaced_atomically(path, durable=True) as partial:
+                partial.write_bytes(buffer.getbuffer())
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from err
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location if map_location is not None else "cpu")

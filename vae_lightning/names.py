@@ -1,0 +1,25 @@
+"""Every metric name and table column, defined once and used by every writer and reader."""
+
+from __future__ import annotations
+
+STAGES = ("train", "val", "test")
+TERMS = ("loss", "bce", "kl")  # the per-image loss is bce + kl
+
+
+def metric(stage: str, term: str) -> str:
+    return f"{stage}/{term}"
+
+
+# every optimizer step: the batch's per-image values (TensorBoard only)
+STEP_METRICS = {term: f"train/{term}_step" for term in TERMS}
+# every epoch: epochs.csv's columns after "epoch"
+EPOCH_METRICS = tuple(metric(stage, term) for stage in ("train", "val") for term in TERMS)
+EPOCH_COLUMNS = ("epoch", *EPOCH_METRICS)
+# the tested weights: the test ELBO (trainer.test) and the importance-weighted bound
+TEST_METRICS = tuple(metric("test", term) for term in TERMS)
+IW_NLL = "test/iw_nll"
+ACTIVE_UNITS = "test/active_units"
+# what a finished run reports everywhere: metrics.json, the printed report, TensorBoard's HPARAMS
+# view and the sweep summary
+FINAL_METRICS = (*EPOCH_METRICS, *TEST_METRICS, IW_NLL, ACTIVE_UNITS)
+SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, "wall_seconds")
