@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,14 +10,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.plugins import TorchCheckpointIO
 from torchvision.utils import save_image
 
+from vae_lightning.checkpoints import saved_progress
 from vae_lightning.errors import DivergenceError
-from vae_lightning.outputs import replaced_atomically, saved_progress
+from vae_lightning.names import EPOCH_COLUMNS, EPOCH_METRICS, STEP_METRICS
+from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import loss_curves, sample_grid, upscale
-
-EPOCH_COLUMNS = ("epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl")
 
 
 def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
@@ -75,7 +73,7 @@ class TrainingHistory(L.Callback):
         self._check_epoch(trainer, pl_module)
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
-        for key in EPOCH_COLUMNS[1:]:
+        for key in EPOCH_METRICS:
             if key in metrics:
                 row[key] = float(metrics[key])
         self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
@@ -108,7 +106,8 @@ class TrainingHistory(L.Callback):
         self.steps = torch.cat([self.steps, steps])
         for logger in trainer.loggers if trainer else []:
             for step, (bce, kl) in zip(steps.tolist(), values.tolist(), strict=True):
-                logger.log_metrics({"train/bce_step": bce, "train/kl_step": kl, "train/loss_step": bce + kl}, step)
+                values_at_step = {"bce": bce, "kl": kl, "loss": bce + kl}
+                logger.log_metrics({STEP_METRICS[term]: value for term, value in values_at_step.items()}, step)
         bad = (~torch.isfinite(values).all(dim=1)).nonzero()
         if len(bad) and trainer is not None:
             step, (bce, kl) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
@@ -180,25 +179,3 @@ class SampleGrid(L.Callback):
             save_image(upscale(grid, self.scale), partial, format="png")
         for tb in _tensorboards(trainer):
             tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written beside their target and renamed into place.
-
-    Lightning 2.6 writes a checkpoint to the system temp dir and moves it into place; when that
-    dir is on another filesystem (a tmpfs /tmp, a cluster's local disk) the move is a copy over
-    the old file, so a kill or a full disk mid-copy leaves a truncated ``last.ckpt``. It also
-    drops a PermissionError silently (Lightning#21800). Here the old file stays whole until the
-    new one is complete and on disk (a power cut keeps one of the two), and every error is
-    raised, naming the file. Remote paths keep Lightning's way."""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        if "://" in str(path) or storage_options is not None:
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        try:
-            with replaced_atomically(path, durable=True) as partial:
-                partial.write_bytes(buffer.getbuffer())
-        except OSError as err:
-            raise OSError(err.errno, err.strerror, str(path)) from err

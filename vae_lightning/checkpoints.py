@@ -54,6 +54,18 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         raise UserError(f"cannot read checkpoint {path}: {reason}; pass another ckpt_path") from None
 
 
+def saved_progress(run_dir: str | Path) -> str:
+    """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return "no epoch had finished, so there is no checkpoint to continue from"
+    try:
+        epoch = load_checkpoint(last)["epoch"] + 1
+    except (UserError, KeyError) as err:  # worth saying, not worth a second traceback
+        return f"{last} could not be read ({type(err).__name__})"
+    return f"{last} keeps epoch {epoch}; continue with ckpt_path={Path(run_dir).resolve()}"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written beside their target and renamed into place, and read safely.
 

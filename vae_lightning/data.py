@@ -107,7 +107,10 @@ def tensor_loader(images: Tensor, batch_size: int, shuffle: bool, seed: int, ran
     so a resumed run sees the same order as an uninterrupted one; the last partial batch is kept,
     as the reference notebook's DataLoader keeps it."""
     sampler = DistributedSampler(TensorImages(images), world_size, rank, shuffle=shuffle, seed=seed)
-    return DataLoader(sampler.dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch)
+    # each iterator draws a seed for worker processes (there are none) from `generator`: from the
+    # global one, it would shift every later reparameterisation draw of the run
+    private = torch.Generator().manual_seed(seed)
+    return DataLoader(sampler.dataset, batch_size=batch_size, sampler=sampler, collate_fn=_as_batch, generator=private)
 
 
 class MNISTDataModule(L.LightningDataModule):

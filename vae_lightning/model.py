@@ -39,9 +39,11 @@ class VAE(nn.Module):
         return self.fc_mu(h1), self.fc_logvar(h1)
 
     @staticmethod
-    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+    def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
         std = torch.exp(0.5 * logvar)
-        return mu + torch.randn_like(std) * std
+        if generator is None:  # the reference notebook's draw, from the global generator
+            return mu + torch.randn_like(std) * std
+        return mu + torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype) * std
 
     def decode_logits(self, z: Tensor) -> Tensor:
         return self.fc4(torch.relu(self.fc3(z)))
@@ -89,10 +91,11 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
 
 
-def elbo_terms(model: VAE, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image (BCE, KL) of one reparameterised pass; the seed's loss is their total sum."""
+def elbo_terms(model: VAE, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Per-image (BCE, KL) of one reparameterised pass; the reference notebook's loss is their
+    total sum."""
     mu, logvar = model.encode(x)
-    logits = model.decode_logits(model.reparameterize(mu, logvar))
+    logits = model.decode_logits(model.reparameterize(mu, logvar, generator))
     return bce_from_logits(logits, x), kl_divergence(mu, logvar)
 
 

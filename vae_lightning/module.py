@@ -1,4 +1,4 @@
-"""The LightningModule: the seed's training step, per-image logging, Adam."""
+"""The LightningModule: the reference notebook's training step, per-image logging, Adam."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from vae_lightning.model import VAE, elbo_terms
+from vae_lightning.names import STAGES, TERMS, metric
 
-TERMS = ("bce", "kl", "loss")
-STAGES = ("train", "val", "test")
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
+# the test pass draws its z from its own generator with this seed: the same weights get the same
+# test loss in every run and in ``vae_lightning.eval``
+TEST_NOISE_SEED = 0
 
 
 class VAEModule(L.LightningModule):
-    """Optimises the summed BCE + KL (the seed's loss) and logs it per image.
+    """Optimises the summed BCE + KL (the reference notebook's loss) and logs it per image.
 
     ``train/bce_step`` etc. are the batch's per-image values at every step (returned by
     ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/bce`` etc.
-    are the epoch's sum over images divided by images seen (the numbers the seed prints),
+    are the epoch's sum over images divided by images seen (the numbers the reference notebook prints),
     aggregated by ``MeanMetric`` over every image's value, so that they mean the same for
     any batch size and on any number of devices.
     """
@@ -66,31 +68,36 @@ class VAEModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._logged_this_epoch = set()
 
-    on_validation_epoch_start = on_test_epoch_start = on_train_epoch_start
+    on_validation_epoch_start = on_train_epoch_start
+
+    def on_test_epoch_start(self) -> None:
+        self._logged_this_epoch = set()
+        self._test_noise = torch.Generator(device=self.device).manual_seed(TEST_NOISE_SEED)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model(x)
 
-    def _shared_step(self, x: Tensor, stage: str) -> dict[str, Tensor]:
-        bce, kl = elbo_terms(self.model, x)
+    def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
+        bce, kl = elbo_terms(self.model, x, noise)
         terms = {"bce": bce.detach(), "kl": kl.detach()}
         terms["loss"] = terms["bce"] + terms["kl"]
         for term, values in terms.items():
-            metric = self.means[f"{stage}_{term}"]
-            metric.update(values)
+            metric_name = metric(stage, term)
+            mean = self.means[f"{stage}_{term}"]
+            mean.update(values)
             if (stage, term) not in self._logged_this_epoch:
                 # Lightning keeps a reference and computes (under DDP, syncs) the metric when
                 # the epoch ends, before any epoch-end hook, then resets it. Logging it once per
                 # epoch is enough; every step would move the metric to the device each time
                 # (~2 ms a step here).
-                self.log(f"{stage}/{term}", metric, on_step=False, on_epoch=True, prog_bar=term == "loss")
+                self.log(metric_name, mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
                 self._logged_this_epoch.add((stage, term))
-        # the seed's loss: summed over pixels and over the batch (not a mean)
+        # the reference notebook's loss: summed over pixels and over the batch (not a mean)
         return {"graph_loss": bce.sum() + kl.sum(), **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         out = self._shared_step(batch, "train")
-        # Lightning backpropagates "loss": the seed's sum over the batch, not the mean. The
+        # Lightning backpropagates "loss": the reference notebook's sum over the batch, not the mean. The
         # step's per-image BCE and KL go out with it, still on the device; TrainingHistory
         # logs them in blocks (a self.log per step costs more than the step itself on a CPU).
         return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"]}
@@ -99,7 +106,7 @@ class VAEModule(L.LightningModule):
         self._shared_step(batch, "val")
 
     def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._shared_step(batch, "test", self._test_noise)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         fused = self.hparams.fused_adam

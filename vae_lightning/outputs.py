@@ -1,5 +1,5 @@
-"""Where a run writes: check that it can before anything starts, and when a run stops early,
-say in one line what was kept and how to continue."""
+"""Where a run writes: check that it can before anything starts, write files whole, and turn a
+full or read-only disk into one line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -87,18 +86,6 @@ def _what_to_do(err: OSError) -> str:
     if err.errno in FULL_ERRNOS:
         return "free space on that disk, or set paths.log_dir=<a directory on another disk>"
     return "set paths.log_dir=<a writable directory>"
-
-
-def saved_progress(run_dir: str | Path) -> str:
-    """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it."""
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return "no epoch had finished, so there is no checkpoint to continue from"
-    try:
-        epoch = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"] + 1
-    except Exception as err:  # a checkpoint we cannot read is worth saying, not worth a second traceback
-        return f"{last} could not be read ({type(err).__name__})"
-    return f"{last} keeps epoch {epoch}; continue with ckpt_path={Path(run_dir).resolve()}"
 
 
 def describe_disk_error(err: BaseException, run_dir: str | Path) -> str | None:

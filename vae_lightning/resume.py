@@ -1,17 +1,18 @@
-"""What ``ckpt_path`` continues: a checkpoint file, a run dir, the newest run or, in a multirun,
-each job's own dir, so that a stopped sweep picks up where it stopped."""
+"""What ``ckpt_path`` continues, and where: a run is continued in its own dir, chosen before the
+run starts; a stopped sweep continues job by job, each in its own dir."""
 
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 
+from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import read_json
 
@@ -23,52 +24,48 @@ MODEL_KEYS = ("input_dim", "hidden_dim", "latent_dim", "lr")
 @dataclass(frozen=True)
 class Resume:
     checkpoint: Path | None = None  # what Trainer.fit continues from
-    run_dir: Path | None = None  # the run dir it continues in, when it lies in one
     finished: dict | None = None  # a sweep job that had already finished: its metrics, kept
 
 
-def plan_resume(
-    ckpt_path: str | None, log_dir: str | Path, job_dir: Path | None = None, max_epochs: int | None = None
-) -> Resume:
-    """``ckpt_path``: a checkpoint file, a run dir (its last.ckpt), or ``last``: the newest run's
-    last.ckpt or, for a multirun job (``job_dir``), that job's own."""
+def run_to_continue(ckpt_path: str | None, log_dir: str | Path) -> Path | None:
+    """The run dir that ``ckpt_path`` continues: ``last`` is the newest run with a last.ckpt, a run
+    dir or a checkpoint inside one is that run; None for a checkpoint outside any run."""
     if ckpt_path in (None, ""):
-        return Resume()
+        return None
     if str(ckpt_path) == "last":
-        if job_dir is not None:
-            return _sweep_job(job_dir, max_epochs)
         runs_dir = Path(log_dir) / "train" / "runs"
         runs = sorted(runs_dir.glob("*/checkpoints/last.ckpt"))
         if not runs:
             raise UserError(f"ckpt_path=last but no run in {runs_dir} has checkpoints/last.ckpt")
-        ckpt = runs[-1]
-    else:
-        ckpt = Path(ckpt_path).expanduser()
-        if ckpt.is_dir():
-            ckpt = ckpt / "checkpoints" / "last.ckpt"
-        if not ckpt.is_file():
-            raise UserError(f"checkpoint {ckpt} does not exist; pass ckpt_path=<file.ckpt>, a run dir, or last")
-    ckpt = ckpt.resolve()
-    if job_dir is not None:  # one checkpoint, many jobs: each writes in its own dir
-        return Resume(ckpt)
-    return Resume(ckpt, ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None)
+        return runs[-1].parent.parent.resolve()
+    ckpt = find_checkpoint(ckpt_path, "last")
+    run_dir = ckpt.parent.parent
+    return run_dir if ckpt.parent.name == "checkpoints" and (run_dir / ".hydra").is_dir() else None
 
 
-def _sweep_job(job_dir: Path, max_epochs: int | None) -> Resume:
-    metrics = read_json(job_dir / "metrics.json") or {}
-    if "status" not in metrics and max_epochs is not None and metrics.get("epochs", 0) >= max_epochs:
-        return Resume(finished=metrics)
-    last = job_dir / "checkpoints" / "last.ckpt"
-    return Resume(last.resolve(), job_dir.resolve()) if last.is_file() else Resume()
+def plan_resume(ckpt_path: str | None, output_dir: str | Path, max_epochs: int, sweep_job: bool) -> Resume:
+    """``ckpt_path=last`` is this run's (or sweep job's) own last.ckpt; a file or run dir is that
+    checkpoint. A sweep job that already ran ``max_epochs`` keeps its results."""
+    if ckpt_path in (None, ""):
+        return Resume()
+    if str(ckpt_path) != "last":
+        return Resume(find_checkpoint(ckpt_path, "last"))
+    output_dir = Path(output_dir)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if sweep_job:
+        metrics = read_json(output_dir / "metrics.json") or {}
+        if "status" not in metrics and metrics.get("epochs", 0) >= max_epochs:
+            return Resume(finished=metrics)
+    if last.is_file():
+        return Resume(last.resolve())
+    if sweep_job:
+        return Resume()  # this job had not finished an epoch: it starts
+    raise UserError(f"ckpt_path=last but {output_dir} has no checkpoints/last.ckpt; pass ckpt_path=<file or run dir>")
 
 
 def check_same_model(ckpt: Path, model_cfg: DictConfig) -> None:
     """Refuse to continue a checkpoint with other model settings, in one line."""
-    try:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
-    except Exception as err:  # torch's reasons run to several lines: the first says what is wrong
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-        raise UserError(f"cannot read checkpoint {ckpt}: {reason}; pass another ckpt_path") from None
+    saved = load_checkpoint(ckpt).get("hyper_parameters", {})
     differ = [
         f"model.{key}={model_cfg[key]} (the checkpoint has {saved[key]})"
         for key in MODEL_KEYS
@@ -81,22 +78,41 @@ def check_same_model(ckpt: Path, model_cfg: DictConfig) -> None:
         )
 
 
-class ContinueSweep(Callback):
-    """``-m ... ckpt_path=last`` continues the jobs of an earlier sweep, so it needs that sweep's
-    dir; without one every job would start afresh in a new dir. Registered in
-    ``conf/hydra/default.yaml``; runs in the launching process, before any job."""
+def _overridden(config: DictConfig, key: str) -> bool:
+    return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+
+
+class ContinueRun(Callback):
+    """Registered in ``conf/hydra/default.yaml``; runs in the launching process before any run dir
+    is made. A continued run writes into the run it continues (its checkpoints, tables and
+    curves grow in place), unless ``hydra.run.dir`` names a dir. A continued sweep needs the
+    sweep's dir; without one every job would start afresh in a new dir."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _overridden(config, "hydra.run.dir"):
+            return
+        try:
+            run_dir = run_to_continue(config.get("ckpt_path"), config.paths.log_dir)
+        except UserError as err:
+            _stop(str(err))
+        if run_dir is not None:
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(run_dir)
+                # the run's own .hydra/ keeps the config it started with; each continuation's beside it
+                config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.get("ckpt_path")) != "last":
-            return
-        if any(o.startswith("hydra.sweep.dir=") for o in config.hydra.overrides.hydra):
+        if str(config.get("ckpt_path")) != "last" or _overridden(config, "hydra.sweep.dir"):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         earlier = sorted(d for d in sweep_dir.parent.glob("*") if d.is_dir() and d != sweep_dir)
         which = f"the newest is {earlier[-1]}" if earlier else f"there is none in {sweep_dir.parent}"
-        print(
-            "error: in a multirun, ckpt_path=last continues each job of an earlier sweep in its own dir; "
-            f"add hydra.sweep.dir=<that sweep's dir> and its overrides ({which})",
-            file=sys.stderr,
+        _stop(
+            "in a multirun, ckpt_path=last continues each job of an earlier sweep in its own dir; "
+            f"add hydra.sweep.dir=<that sweep's dir> and its overrides ({which})"
         )
-        raise SystemExit(1)
+
+
+def _stop(reason: str) -> None:
+    print(f"error: {reason}", file=sys.stderr)
+    raise SystemExit(1)

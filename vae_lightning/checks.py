@@ -1,0 +1,63 @@
+"""Checks that run before anything is built: impossible values, missing hardware."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.errors import UserError
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+# (key, check, what it must be); a key the config lacks is not checked
+VALUE_CHECKS = (
+    ("model.latent_dim", _positive_int, "an integer >= 1"),
+    ("model.hidden_dim", _positive_int, "an integer >= 1"),
+    ("model.lr", _positive_number, "a number > 0"),
+    ("data.batch_size", _positive_int, "an integer >= 1"),
+    ("data.eval_batch_size", _positive_int, "an integer >= 1"),
+    ("trainer.max_epochs", _positive_int, "an integer >= 1"),
+    ("eval.k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 skips the evaluation)"),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse impossible values before any data is loaded or model built."""
+    for key, ok, expected in VALUE_CHECKS:
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
+
+
+def check_hardware(trainer_cfg: DictConfig) -> None:
+    """Say plainly when the config asks for GPUs, or CPU processes, this machine does not have."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    devices = trainer_cfg.get("devices", "auto")
+    cpu_only = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if cpu_only and isinstance(devices, int) and devices > (os.cpu_count() or 1):
+        raise UserError(
+            f"trainer.devices={devices} CPU processes but this machine has {os.cpu_count()} cores; "
+            f"use trainer.devices={os.cpu_count()} or fewer"
+        )
+    if accelerator not in ("gpu", "cuda"):
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    wanted = devices if isinstance(devices, int) and devices > 0 else 1
+    if found == 0:
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU was found on this machine; "
+            "use trainer.accelerator=auto (or trainer=cpu) to train on the CPU"
+        )
+    if wanted > found:
+        raise UserError(f"trainer.devices={devices} but only {found} GPU(s) were found; use trainer.devices={found}")

@@ -1,0 +1,102 @@
+"""The evaluation of tested weights, as a callback of ``trainer.test``: the importance-weighted
+bound, active units and the figures people look at. The test ELBO itself is the module's
+``test_step``, so ``trainer.test`` gives every test number once, for ``train`` and ``eval`` alike."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.utils import save_image
+
+from vae_lightning.model import VAE, active_units, iw_log_likelihood
+from vae_lightning.names import ACTIVE_UNITS, IW_NLL
+from vae_lightning.outputs import replaced_atomically
+from vae_lightning.plots import (
+    interpolation_grid,
+    latent_scatter,
+    manifold_grid,
+    reconstruction_grid,
+    sample_grid,
+    upscale,
+)
+
+INTERPOLATION_PAIRS = [(0, 6), (1, 7), (2, 3), (3, 8), (4, 9), (5, 6), (7, 1), (9, 4)]
+
+
+class Evaluation(L.Callback):
+    """When the test pass ends (on rank 0): ``test/iw_nll`` with ``k`` importance samples per
+    test image and ``test/active_units``, logged beside the test ELBO; the figures written to
+    ``output_dir`` and TensorBoard. ``k = 0`` turns it off."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        k: int = 5000,
+        batch_size: int = 100,
+        chunk_rows: int = 32768,
+        seed: int = 0,
+        sample_seed: int = 2024,
+        scale: int = 3,
+        ten_samples: bool = False,
+    ) -> None:
+        self.out = Path(output_dir)
+        self.k, self.batch_size, self.chunk_rows = k, batch_size, chunk_rows
+        self.seed, self.sample_seed, self.scale, self.ten_samples = seed, sample_seed, scale, ten_samples
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.k < 1 or not trainer.is_global_zero:
+            return
+        model: VAE = pl_module.model
+        test_x, test_y = trainer.datamodule.test_x.to(pl_module.device), trainer.datamodule.test_y
+        iw_nll, mu = self.bound(model, test_x)
+        pl_module.log(IW_NLL, iw_nll, rank_zero_only=True)
+        pl_module.log(ACTIVE_UNITS, float(active_units(mu)), rank_zero_only=True)
+        self.write_figures(model, test_x, test_y.cpu(), mu, trainer)
+
+    def bound(self, model: VAE, test_x: Tensor) -> tuple[float, Tensor]:
+        """The mean importance-weighted bound's negative and every test image's E[z|x]."""
+        gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
+        start, next_report = time.perf_counter(), 0.1
+        bounds, mus = [], []
+        for xb in test_x.split(self.batch_size):
+            bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
+            mus.append(model.encode(xb.to(model.fc1.weight.dtype))[0].float())
+            done = sum(len(b) for b in bounds)
+            if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
+                print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+                next_report += 0.1
+        return -torch.cat(bounds).mean().item(), torch.cat(mus)
+
+    def write_figures(self, model: VAE, test_x: Tensor, labels: Tensor, mu: Tensor, trainer: L.Trainer) -> None:
+        first, second = _first_of_each_class(labels, 0), _first_of_each_class(labels, 1)
+        starts, ends = ([first[pair[i]] for pair in INTERPOLATION_PAIRS] for i in (0, 1))
+        images = {
+            "reconstructions": reconstruction_grid(model, test_x[first + second]),
+            "interpolations": interpolation_grid(model, test_x[starts], test_x[ends]),
+            "samples_100": sample_grid(model, 100, 10, self.sample_seed),
+        }
+        if self.ten_samples:  # a training run has them from SampleGrid already
+            images["samples"] = sample_grid(model, 10, 10, self.sample_seed)
+        if model.latent_dim == 2:
+            images["manifold"] = manifold_grid(model)
+        for name, grid in images.items():
+            with replaced_atomically(self.out / f"{name}.png") as partial:
+                save_image(upscale(grid, self.scale), partial, format="png")
+        scatter = latent_scatter(mu, labels)
+        with replaced_atomically(self.out / "latent_scatter.png") as partial:
+            scatter.savefig(partial, dpi=110, format="png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, grid in images.items():
+                    logger.experiment.add_image(f"eval/{name}", grid, trainer.global_step)
+                logger.experiment.add_figure("eval/latent_scatter", scatter, trainer.global_step)
+
+
+def _first_of_each_class(labels: Tensor, occurrence: int) -> list[int]:
+    return [int((labels == c).nonzero()[occurrence]) for c in range(10)]

@@ -1,0 +1,71 @@
+"""What a finished (or failed) run records: ``metrics.json``, TensorBoard's HPARAMS view, the
+printed report, and the reason a run stopped."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig
+
+from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
+from vae_lightning.outputs import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+LIKELIHOOD_NOTE = (
+    "MNIST pixels here are continuous in [0, 1], so test/iw_nll is the Bernoulli 'likelihood' of the "
+    "reference notebook's loss (nats per image), not the NLL of binarized MNIST that papers report"
+)
+OUTPUT_FILES = ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard")
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
+    """The settings a sweep varies, flat, for TensorBoard's HPARAMS view."""
+    return {
+        "latent_dim": cfg.model.latent_dim,
+        "hidden_dim": cfg.model.hidden_dim,
+        "lr": cfg.model.lr,
+        "init": cfg.model.init,
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "precision": str(cfg.trainer.precision),
+        "seed": cfg.seed,
+    }
+
+
+def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
+    """Write ``metrics.json`` and the HPARAMS view of a finished run, then print the report."""
+    out = Path(cfg.paths.output_dir)
+    if IW_NLL in metrics:
+        metrics["note"] = LIKELIHOOD_NOTE
+    write_json(out / "metrics.json", metrics)
+    for tb in (lg for lg in loggers if isinstance(lg, TensorBoardLogger)):
+        tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in FINAL_METRICS if k in metrics})
+    lines = [f"Outputs in {out}"] + [f"  {out / name}" for name in OUTPUT_FILES if (out / name).exists()]
+    log.info("\n".join(lines + report_lines(metrics)))
+
+
+def report_lines(metrics: dict[str, Any]) -> list[str]:
+    """The final per-image metrics as printed, from the same dict as ``metrics.json``."""
+    lines = ["Final per-image metrics:"]
+    lines += [f"  {key:<17} {metrics[key]:9.3f}" for key in FINAL_METRICS[:-1] if isinstance(metrics.get(key), float)]
+    if ACTIVE_UNITS in metrics:
+        units, latent_dim = metrics[ACTIVE_UNITS], metrics.get("latent_dim", "?")
+        lines.append(f"  active units {units:.0f} of {latent_dim} (k = {metrics.get('k')})")
+    return lines
+
+
+def record_failure(out: Path, reason: str) -> None:
+    """Leave the reason in the run dir, where a sweep summary finds it, beside whatever the run had
+    finished, and in train.log (the console already has it on stderr)."""
+    record_ = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"error: {reason}", None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record_)
+    try:
+        write_json(out / "metrics.json", {**(read_json(out / "metrics.json") or {}), "status": f"failed: {reason}"})
+    except OSError:
+        pass  # the disk that stopped the run may not take this either; the message is printed
