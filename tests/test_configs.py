@@ -1,39 +1,41 @@
 """Every config composes and every object in it can be built."""
 
 import os
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import CONF_DIR
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from helpers import CONF_DIR, compose_config, compose_train
+from omegaconf import OmegaConf
 
+from vae_lightning.checks import check_hardware, validate_config
 from vae_lightning.errors import UserError
-from vae_lightning.train import build, check_hardware, validate_config
+from vae_lightning.evaluation import Evaluation
+from vae_lightning.train import build
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def compose_train(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp_path}", *overrides])
-    OmegaConf.resolve(cfg)
-    return cfg
-
-
-def test_defaults_are_the_seed_run(tmp_path):
+def test_defaults_are_the_reference_notebook_run(tmp_path):
     cfg = compose_train(tmp_path)
     assert cfg.model.hidden_dim == 400 and cfg.model.latent_dim == 20 and cfg.model.lr == 1e-3
     assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 100
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.log_every_n_steps == 1
     assert cfg.model.init == "default" and cfg.seed == 0
-    seed_cfg = compose_train(tmp_path, "experiment=seed")
+    named = compose_train(tmp_path, "experiment=reference_notebook")
     for key in ("model", "data", "trainer", "seed"):
-        assert OmegaConf.select(seed_cfg, key) == OmegaConf.select(cfg, key), key
+        assert OmegaConf.select(named, key) == OmegaConf.select(cfg, key), key
+
+
+def test_both_entry_points_build_the_evaluation_from_one_config(tmp_path):
+    """conf/eval/: the same Evaluation for train (a cheap k at the end of every run) and eval."""
+    at_end = build(compose_train(tmp_path).eval, "eval")
+    full = build(compose_config("eval", tmp_path, "ckpt_path=x").eval, "eval")
+    assert isinstance(at_end, Evaluation) and isinstance(full, Evaluation)
+    assert (at_end.k, full.k) == (100, 5000) and not at_end.ten_samples and full.ten_samples
+    assert (at_end.batch_size, at_end.chunk_rows, at_end.scale) == (full.batch_size, full.chunk_rows, full.scale)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +92,7 @@ def test_a_bad_value_names_the_group(tmp_path):
         ("data.batch_size=0", "data.batch_size=0 is not valid: it must be an integer >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is not valid: it must be an integer >= 1"),
         ("model.latent_dim=2.5", "model.latent_dim=2.5 is not valid: it must be an integer >= 1"),
+        ("trainer.max_epochs=null", "trainer.max_epochs=None is not valid: it must be an integer >= 1"),
     ],
 )
 def test_impossible_values_are_refused_before_anything_is_built(tmp_path, override, message):

@@ -13,6 +13,7 @@ from vae_lightning.errors import DataError
 @pytest.fixture(scope="module")
 def mnist(mnist_dir):
     dm = MNISTDataModule(str(mnist_dir), batch_size=128, seed=0, download=False)
+    dm.checked = True  # mnist_dir checked the sizes; the checksums are test_truncated_and_corrupt_files's
     dm.setup("fit")
     return dm
 
@@ -107,6 +108,7 @@ def _copy_of_mnist(src: Path, dst: Path) -> Path:
     return raw
 
 
+@pytest.mark.slow  # checksums all of MNIST
 def test_truncated_and_corrupt_files_are_named(tmp_path, mnist_dir):
     raw = _copy_of_mnist(mnist_dir, tmp_path)
     name = "t10k-labels-idx1-ubyte"

@@ -4,15 +4,10 @@ import csv
 
 import lightning as L
 import pytest
-from conftest import run_cli
+from helpers import epoch_rows, run_cli
 
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.module import VAEModule
-
-
-def epoch_rows(run_dir):
-    with (run_dir / "epochs.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

@@ -4,12 +4,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import compose_config, run_cli
 from PIL import Image
 
-from vae_lightning.eval import resolve_checkpoint
+from vae_lightning.checkpoints import find_checkpoint
+from vae_lightning.errors import UserError
+from vae_lightning.eval import run
 
-KEYS = {"test/bce", "test/kl", "test/loss", "test/iw_nll", "k", "active_units", "latent_dim", "checkpoint", "note"}
+KEYS = {"test/bce", "test/kl", "test/loss", "test/iw_nll", "test/active_units", "k", "latent_dim", "checkpoint", "note"}
 
 
 def _size(path):
@@ -38,13 +40,18 @@ def test_eval_cli_on_a_run_dir(trained_run, mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert KEYS <= set(metrics)
-    assert metrics["checkpoint"] == str(resolve_checkpoint(run_dir).resolve())
-    assert metrics["k"] == 50 and metrics["latent_dim"] == 20 and metrics["test_images"] == 10000
+    assert metrics["checkpoint"] == str(find_checkpoint(run_dir, "best"))
+    assert metrics["k"] == 50 and metrics["latent_dim"] == 20
+    # the same weights, the same test pass: the training run's own test numbers, exactly
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert [metrics[k] for k in ("test/loss", "test/bce", "test/kl")] == [
+        trained[k] for k in ("test/loss", "test/bce", "test/kl")
+    ]
     # the bound is tighter than the one-sample ELBO, and both are in the range a 3-epoch model reaches
     assert metrics["test/iw_nll"] < metrics["test/loss"]
     assert 90 < metrics["test/iw_nll"] < 120 and 95 < metrics["test/loss"] < 125
     assert metrics["test/loss"] == pytest.approx(metrics["test/bce"] + metrics["test/kl"])
-    assert 1 <= metrics["active_units"] <= 20
+    assert 1 <= metrics["test/active_units"] <= 20
     assert "binarized" in metrics["note"] and "binarized" in result.stdout
     # pixel sizes: 28-px digits, 2-px gutters, every pixel drawn 3 x 3
     cell = 30
@@ -64,7 +71,7 @@ def test_eval_cli_on_a_run_dir(trained_run, mnist_dir, tmp_path):
 def test_eval_manifold_for_a_2d_latent_space(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     train = run_cli(
-        "vae_lightning.train", "trainer.max_epochs=1", "model.latent_dim=2", "eval.k=5", "test=false",
+        "vae_lightning.train", "trainer.max_epochs=1", "model.latent_dim=2", "eval.k=5",
         f"data.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}",
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
@@ -72,7 +79,15 @@ def test_eval_manifold_for_a_2d_latent_space(mnist_dir, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["latent_dim"] == 2
 
 
-def test_eval_without_checkpoint_is_one_line(tmp_path):
+def test_eval_without_a_checkpoint_says_so(tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(UserError) as err:
+        run(compose_config("eval", tmp_path, f"ckpt_path={missing}"))
+    assert str(err.value) == f"checkpoint {missing} does not exist; pass ckpt_path=<file.ckpt> or a training run dir"
+
+
+@pytest.mark.slow
+def test_eval_without_checkpoint_is_one_line_at_the_cli(tmp_path):
     result = run_cli("vae_lightning.eval", f"ckpt_path={tmp_path / 'missing.ckpt'}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     missing = tmp_path / "missing.ckpt"

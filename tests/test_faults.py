@@ -13,54 +13,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, run_cli
-from test_configs import compose_train
+from helpers import (
+    REPO,
+    SHORT,
+    compose_train,
+    epochs_column,
+    kill_early_in_epoch_2,
+    load_checkpoint,
+    run_cli,
+    same_weights,
+    wait_until,
+)
 
-from vae_lightning.callbacks import AtomicCheckpointIO
+from vae_lightning.checkpoints import AtomicCheckpointIO
 from vae_lightning.errors import DivergenceError
 from vae_lightning.train import build_run
-
-
-def epochs_column(csv_path: Path) -> list[str]:
-    with csv_path.open() as f:
-        return [row["epoch"] for row in csv.DictReader(f)]
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
-    return wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa)
-
-
-def kill_early_in_epoch_2(args: list[str], csv_path: Path) -> None:
-    """Start ``python -m vae_lightning.train <args>``; SIGKILL it just after ``csv_path`` (the
-    killed run's epochs.csv) records epoch 1, so the kill lands in epoch 2."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae_lightning.train", *args],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "epoch 1 ended")
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    """Poll a running CLI process until ``ready()``; fail if it ends (or times out) first."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
-        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -250,17 +222,19 @@ def test_continuing_with_other_model_settings_is_one_line(tmp_path, trained_run)
     ]
 
 
+@pytest.mark.slow
 def test_resume_from_nothing_is_one_clear_error(tmp_path):
-    result = run_cli(
-        "vae_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path}/r"
-    )
+    result = run_cli("vae_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: ckpt_path=last but no run in {tmp_path}/train/runs has checkpoints/last.ckpt"
     ]
-
-
-SHORT = ["+trainer.limit_train_batches=100", "eval.k=0", "test=false", "trainer.max_epochs=2"]
+    assert not (tmp_path / "train").exists()  # said before a run dir was made
+    named = run_cli("vae_lightning.train", "ckpt_path=last", f"hydra.run.dir={tmp_path}/r")
+    assert named.returncode == 1
+    assert named.stderr.strip().splitlines() == [
+        f"error: ckpt_path=last but {tmp_path}/r has no checkpoints/last.ckpt; name another run"
+    ]
 
 
 @pytest.mark.slow
@@ -338,6 +312,7 @@ def in_private_mount(tmp_path: Path, script: str) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_an_unwritable_or_full_log_dir_is_one_line_before_anything_runs(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
@@ -439,7 +414,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_whole(tmp_path):
 mount -t tmpfs -o size=12m tmpfs $mnt
 {sys.executable} - > $out/result 2>&1 <<PY
 import torch
-from vae_lightning.callbacks import AtomicCheckpointIO
+from vae_lightning.checkpoints import AtomicCheckpointIO
 AtomicCheckpointIO().save_checkpoint({{"epoch": 0, "w": torch.ones(2_000_000)}}, "$mnt/last.ckpt")  # 8 MB
 try:
     AtomicCheckpointIO().save_checkpoint({{"epoch": 1, "w": torch.zeros(2_000_000)}}, "$mnt/last.ckpt")

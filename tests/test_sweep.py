@@ -3,7 +3,7 @@
 import csv
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from vae_lightning.sweep import summarise

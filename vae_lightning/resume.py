@@ -85,19 +85,26 @@ def _overridden(config: DictConfig, key: str) -> bool:
 class ContinueRun(Callback):
     """Registered in ``conf/hydra/default.yaml``; runs in the launching process before any run dir
     is made. A continued run writes into the run it continues (its checkpoints, tables and
-    curves grow in place), unless ``hydra.run.dir`` names a dir. A continued sweep needs the
+    curves grow in place): the run ``ckpt_path`` lies in, or with ``ckpt_path=last`` the run
+    ``hydra.run.dir`` names, else the newest. A continued sweep needs the
     sweep's dir; without one every job would start afresh in a new dir."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _overridden(config, "hydra.run.dir"):
-            return
+        ckpt_path = config.get("ckpt_path")
         try:
-            run_dir = run_to_continue(config.get("ckpt_path"), config.paths.log_dir)
+            if str(ckpt_path) == "last" and _overridden(config, "hydra.run.dir"):  # the run named
+                run_dir = Path(config.hydra.run.dir)
+                if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                    raise UserError(f"ckpt_path=last but {run_dir} has no checkpoints/last.ckpt; name another run")
+            else:
+                run_dir = run_to_continue(ckpt_path, config.paths.log_dir)
         except UserError as err:
             _stop(str(err))
-        if run_dir is not None:
-            with read_write(config.hydra):
-                config.hydra.run.dir = str(run_dir)
+        if run_dir is None:
+            return
+        with read_write(config.hydra):
+            config.hydra.run.dir = str(run_dir)
+            if config.hydra.output_subdir is not None:  # (DDP children write none)
                 # the run's own .hydra/ keeps the config it started with; each continuation's beside it
                 config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 

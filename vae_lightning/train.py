@@ -70,7 +70,8 @@ def train(cfg: DictConfig) -> dict:
         return resume.finished
     if resume.checkpoint is not None:
         check_same_model(resume.checkpoint, cfg.model)
-        log.info(f"Continuing from {resume.checkpoint}, writing in {out}")
+        where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
+        log.info(f"Continuing {where} from {resume.checkpoint}")
     elif sweep_job and cfg.get("ckpt_path") == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
 

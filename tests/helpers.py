@@ -1,0 +1,100 @@
+"""Helpers shared by the tests: running the CLI, composing configs, reading what a run wrote."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vae_lightning.checkpoints import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+TRAINED_EPOCHS = 3  # the shared real run of conftest.trained_run
+# a short run: 100 steps an epoch, no test pass
+SHORT = ["+trainer.limit_train_batches=100", "eval.k=0", "test=false", "trainer.max_epochs=2"]
+
+__all__ = ["load_checkpoint"]
+
+
+def run_cli(module: str, *overrides: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <overrides>`` as a user would; capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def compose_config(name: str, output_dir: Path, *overrides: str) -> DictConfig:
+    """``conf/<name>.yaml`` composed in-process as the CLI would, writing into ``output_dir``."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=[f"paths.output_dir={output_dir}", *overrides])
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def compose_train(output_dir: Path, *overrides: str) -> DictConfig:
+    return compose_config("train", output_dir, *overrides)
+
+
+def epochs_column(csv_path: Path) -> list[str]:
+    with csv_path.open() as f:
+        return [row["epoch"] for row in csv.DictReader(f)]
+
+
+def epoch_rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "epochs.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa)
+
+
+def read_scalars(run_dir: Path) -> tuple[dict[str, list], list[str]]:
+    """Every scalar event (by tag) and every image tag in a run's TensorBoard files."""
+    scalars: dict[str, list] = {}
+    images: list[str] = []
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend(acc.Scalars(tag))
+        images += acc.Tags()["images"]
+    return scalars, images
+
+
+def kill_early_in_epoch_2(args: list[str], csv_path: Path) -> None:
+    """Start ``python -m vae_lightning.train <args>``; SIGKILL it just after ``csv_path`` (the
+    killed run's epochs.csv) records epoch 1, so the kill lands in epoch 2."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *args],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: csv_path.is_file() and len(csv_path.read_text().splitlines()) >= 2, proc, "epoch 1 ended")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Poll a running CLI process until ``ready()``; fail if it ends (or times out) first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
+        time.sleep(0.05)
