@@ -1,6 +1,6 @@
 """Seconds per training epoch on real MNIST, three candidates measured in one run:
 
-(a) the seed notebook's loop as written there (torchvision DataLoader + ToTensor + flatten, Adam);
+(a) the reference notebook's loop as written there (torchvision DataLoader + ToTensor + flatten, Adam);
 (b) the project's training path: the objects ``python -m vae_lightning.train`` builds from the
     default config (Lightning Trainer, every default callback and logger, per-step logging),
     validation on the 10k test set included in each epoch;
@@ -39,8 +39,8 @@ from vae_lightning.train import build_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def seed_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
-    """The seed's cells, unchanged but for timing (its VAE is ours: same layers and init)."""
+def reference_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
+    """The reference notebook's cells, unchanged but for timing (its VAE is ours: same layers and init)."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x.view(-1))])
     train_dataset = datasets.MNIST(root=str(data_dir), train=True, transform=transform, download=False)
     train_loader = DataLoader(train_dataset, batch_size=128, shuffle=True)
@@ -164,20 +164,21 @@ def main() -> None:
         ensure_mnist(data_dir, download=True)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
-    seed, project, val, bare, floor = [], [], [], [], []
+    reference, project, val, bare, floor = [], [], [], [], []
     for r in range(args.rounds):
-        seed += seed_loop_epochs(data_dir, args.epochs)
+        reference += reference_loop_epochs(data_dir, args.epochs)
         epoch_times, val_times = project_epochs(data_dir, args.epochs, args.overrides)
         project += epoch_times
         val += val_times
         bare += bare_loop_epochs(data_dir, args.epochs)
         floor.append(gemm_floor())
         print(
-            f"round {r + 1}/{args.rounds}: seed {seed[-1]:.2f} s, project {project[-1]:.2f} s, bare {bare[-1]:.2f} s",
+            f"round {r + 1}/{args.rounds}: reference notebook {reference[-1]:.2f} s, "
+            f"project {project[-1]:.2f} s, bare {bare[-1]:.2f} s",
             flush=True,
         )
 
-    a, b, d = statistics.median(seed), statistics.median(project), statistics.median(bare)
+    a, b, d = statistics.median(reference), statistics.median(project), statistics.median(bare)
     c = statistics.median(f["s_per_epoch"] for f in floor)
     rate = statistics.median(f["gflop_per_s"] for f in floor)
     result = {
@@ -185,21 +186,21 @@ def main() -> None:
         "rounds": args.rounds,
         "epochs_per_round": args.epochs,
         "overrides": args.overrides,
-        "seed_loop_s_per_epoch": {"median": a, "min": min(seed), "max": max(seed)},
+        "reference_loop_s_per_epoch": {"median": a, "min": min(reference), "max": max(reference)},
         "project_s_per_epoch": {"median": b, "min": min(project), "max": max(project)},
         "validation_s_per_epoch": statistics.median(val),
         "bare_loop_s_per_epoch": {"median": d, "min": min(bare), "max": max(bare)},
         "gemm_floor_s_per_epoch": c,
         "gemm_gflop_per_s": rate,
         "gflop_per_epoch": floor[0]["gflop_per_epoch"],
-        "seed_over_project": a / b,
+        "reference_over_project": a / b,
         "project_over_floor": b / c,
         "project_over_bare": b / d,
     }
     print()
     print("| candidate | s/epoch (median) | min-max |")
     print("|---|---|---|")
-    print(f"| (a) seed notebook loop | {a:.2f} | {min(seed):.2f}-{max(seed):.2f} |")
+    print(f"| (a) reference notebook loop | {a:.2f} | {min(reference):.2f}-{max(reference):.2f} |")
     print(f"| (b) vae_lightning.train path | {b:.2f} | {min(project):.2f}-{max(project):.2f} |")
     print(f"| of which validation on the 10k test images | {statistics.median(val):.2f} | |")
     print(f"| (d) bare loop, preloaded tensor, fused Adam | {d:.2f} | {min(bare):.2f}-{max(bare):.2f} |")

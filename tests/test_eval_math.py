@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vae_lightning.model import VAE, active_units, elbo_terms, iw_log_likelihood
+from vae_lightning.plots import latent_scatter
 
 
 @pytest.fixture
@@ -88,3 +90,11 @@ def test_active_units_count_a_constructed_encoder():
     mu[:, 3] = 3.0  # constant: inactive
     assert active_units(mu) == 2
     assert active_units(mu, threshold=0.001) == 3
+
+
+@pytest.mark.parametrize("latent_dim", [1, 2, 5])
+def test_the_latent_scatter_is_drawn_for_any_latent_size(latent_dim):
+    labels = torch.arange(200) % 10
+    mu = torch.randn(200, latent_dim) + labels.unsqueeze(1)
+    points = latent_scatter(mu, labels).axes[0].collections[0].get_offsets()
+    assert points.shape == (200, 2) and np.isfinite(points).all()

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from vae_lightning.model import VAE, bce_from_logits, elbo_terms, init_weights, kl_divergence
 
 
-class SeedVAE(nn.Module):
-    """The seed notebook's class, as written there (indentation fixed)."""
+class ReferenceVAE(nn.Module):
+    """The reference notebook's class, as written there (indentation fixed)."""
 
     def __init__(self):
         super().__init__()
@@ -50,33 +50,33 @@ def test_sizes_are_configurable():
     assert mu.shape == (3, 2) and recon.shape == (3, 784) and model.fc1.out_features == 64
 
 
-def test_seed_state_dict_round_trip():
-    seed = SeedVAE()
+def test_reference_notebook_state_dict_round_trip():
+    reference = ReferenceVAE()
     ours = VAE()
-    ours.load_state_dict(seed.state_dict())
+    ours.load_state_dict(reference.state_dict())
     x = torch.rand(4, 784)
-    mu_s, logvar_s = seed.encode(x)
+    mu_s, logvar_s = reference.encode(x)
     mu_o, logvar_o = ours.encode(x)
     torch.testing.assert_close(mu_o, mu_s)
     torch.testing.assert_close(logvar_o, logvar_s)
-    torch.testing.assert_close(ours.decode(mu_o), seed.decode(mu_s))
-    back = SeedVAE()
+    torch.testing.assert_close(ours.decode(mu_o), reference.decode(mu_s))
+    back = ReferenceVAE()
     back.load_state_dict(ours.state_dict())
-    for (k1, v1), (k2, v2) in zip(back.state_dict().items(), seed.state_dict().items(), strict=True):
+    for (k1, v1), (k2, v2) in zip(back.state_dict().items(), reference.state_dict().items(), strict=True):
         assert k1 == k2 and torch.equal(v1, v2)
 
 
-def test_bce_from_logits_equals_seed_formula():
+def test_bce_from_logits_equals_the_reference_formula():
     torch.manual_seed(0)
     x = torch.rand(64, 784)
     # float32, over the logit range a trained model produces
     logits = torch.randn(64, 784) * 2
-    seed_bce = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum")
-    torch.testing.assert_close(bce_from_logits(logits, x).sum(), seed_bce, rtol=1e-5, atol=0)
-    # float64, where the seed's sigmoid does not saturate even for large logits
+    reference_bce = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum")
+    torch.testing.assert_close(bce_from_logits(logits, x).sum(), reference_bce, rtol=1e-5, atol=0)
+    # float64, where the reference notebook's sigmoid does not saturate even for large logits
     logits = torch.randn(64, 784, dtype=torch.float64) * 5
-    seed_bce = F.binary_cross_entropy(torch.sigmoid(logits), x.double(), reduction="sum")
-    torch.testing.assert_close(bce_from_logits(logits, x.double()).sum(), seed_bce, rtol=1e-9, atol=0)
+    reference_bce = F.binary_cross_entropy(torch.sigmoid(logits), x.double(), reduction="sum")
+    torch.testing.assert_close(bce_from_logits(logits, x.double()).sum(), reference_bce, rtol=1e-9, atol=0)
 
 
 def test_bce_from_logits_is_finite_where_sigmoid_saturates():

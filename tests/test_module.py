@@ -16,7 +16,7 @@ def _trainer() -> L.Trainer:
 
 def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
     """300 images in batches of 128, 128, 44: the epoch value must weight each batch by its
-    size (the seed's sum / len(dataset)), not average the three batch means."""
+    size (the reference notebook's sum / len(dataset)), not average the three batch means."""
     torch.manual_seed(0)
     monkeypatch.setattr(VAE, "reparameterize", staticmethod(lambda mu, logvar, generator=None: mu))
     x = torch.rand(300, 784).round()

@@ -2,7 +2,7 @@
 
 import warnings
 
-# Lightning 2.6 builds torch's LeafSpec, which torch 2.14 deprecates: a warning on every run that
+# Lightning builds torch's LeafSpec, which torch deprecates: a warning on every run that
 # no user can act on (Lightning's to fix)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 # the data are tensors on the training device, indexed once per batch: worker processes would

@@ -29,7 +29,7 @@ class TrainingHistory(L.Callback):
 
     Step values stay on the device and are sent to the loggers (TensorBoard) in blocks of
     ``flush_every`` steps with their true step numbers: one host sync per block instead of a
-    per-step ``self.log`` (which cost ~5 ms a step here, more than the step's own compute).
+    per-step ``self.log``, which costs more than the step's own compute on a CPU.
     Writes ``epochs.csv`` after each epoch and ``loss_curves.png`` when training ends or stops
     on an error. The history is part of the checkpoint, so a resumed run's files cover the
     whole run.

@@ -1,4 +1,4 @@
-"""The seed's VAE in plain torch: model, ELBO terms, importance-weighted bound."""
+"""The reference notebook's VAE in plain torch: model, ELBO terms, importance-weighted bound."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ INIT_SCHEMES = ("default", "xavier_normal", "normal")
 class VAE(nn.Module):
     """784 -> 400 (ReLU) -> (mu, logvar) in R^20; 20 -> 400 (ReLU) -> 784 (sigmoid).
 
-    Layer names match the seed notebook's class, so its state_dict loads as is.
+    Layer names match the reference notebook's class, so its state_dict loads as is.
     """
 
     def __init__(
@@ -49,7 +49,7 @@ class VAE(nn.Module):
         return self.fc4(torch.relu(self.fc3(z)))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Pixel probabilities, as the seed's ``decode``."""
+        """Pixel probabilities, as the reference notebook's ``decode``."""
         return torch.sigmoid(self.decode_logits(z))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +80,7 @@ def _at_least_fp32(t: Tensor) -> Tensor:
 
 def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
     """Per-image BCE of sigmoid(logits) against x, summed over pixels; at least fp32 and
-    stable for any logit. ``.sum()`` of it is the seed's ``binary_cross_entropy(..., "sum")``."""
+    stable for any logit. ``.sum()`` of it is the reference notebook's ``binary_cross_entropy(..., "sum")``."""
     logits = _at_least_fp32(logits)
     return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").sum(-1)
 

@@ -89,7 +89,7 @@ class VAEModule(L.LightningModule):
                 # Lightning keeps a reference and computes (under DDP, syncs) the metric when
                 # the epoch ends, before any epoch-end hook, then resets it. Logging it once per
                 # epoch is enough; every step would move the metric to the device each time
-                # (~2 ms a step here).
+                # (docs/performance.md).
                 self.log(metric_name, mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
                 self._logged_this_epoch.add((stage, term))
         # the reference notebook's loss: summed over pixels and over the batch (not a mean)

@@ -126,10 +126,13 @@ def manifold_grid(model: torch.nn.Module, n: int = 20) -> Tensor:
 
 
 def latent_scatter(mu: Tensor, labels: Tensor) -> Figure:
-    """E[z|x] of test digits coloured by label: the first two dimensions when the latent
-    space is 2-D, else its first two principal components."""
+    """E[z|x] of test digits coloured by label: z against the label when the latent space is
+    1-D, its two dimensions when 2-D, else its first two principal components."""
     mu = mu.double().cpu()
-    if mu.shape[1] == 2:
+    if mu.shape[1] == 1:  # one dimension: spread the points by label so the classes stay apart
+        jitter = torch.rand(len(mu), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.6 - 0.3
+        points, axis = torch.stack([mu[:, 0], labels.cpu().double() + jitter], 1), ("z[0]", "label (jittered)")
+    elif mu.shape[1] == 2:
         points, axis = mu, ("z[0]", "z[1]")
     else:
         centred = mu - mu.mean(0)
