@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,18 +41,34 @@ def find_checkpoint(path: str | Path, which: Literal["best", "last"]) -> Path:
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """A checkpoint read by torch's safe unpickler: tensors, numbers, strings and containers, which
     is all this project saves. A file that needs anything else could run code: refused, in one line."""
+    _check_crcs(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-        what = found.group(1) if found else "an object that is not a tensor, number or string"
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+        if found is None:  # not a pickle of anything: damaged or not a checkpoint
+            raise UserError(
+                f"cannot read checkpoint {path}: it is damaged or not a checkpoint; pass another ckpt_path"
+            ) from None
         raise UserError(
-            f"refusing checkpoint {path}: it holds {what}, which a vae_lightning checkpoint never does and "
-            "which could run code when loaded; use a checkpoint written by vae_lightning"
+            f"refusing checkpoint {path}: it holds {found.group(1)}, which a vae_lightning checkpoint never does "
+            "and which could run code when loaded; use a checkpoint written by vae_lightning"
         ) from None
     except Exception as err:  # truncated, damaged, not a checkpoint: torch's first line says which
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise UserError(f"cannot read checkpoint {path}: {reason}; pass another ckpt_path") from None
+
+
+def _check_crcs(path: str | Path) -> None:
+    """torch reads a checkpoint's zip records without checking their CRCs: a tensor damaged on disk
+    would load as wrong weights without a word. Checking them costs a few ms per checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip (an old or foreign format): torch.load says what it is
+    if damaged is not None:
+        raise UserError(f"checkpoint {path} is damaged ({damaged} fails its checksum); pass another ckpt_path")
 
 
 def saved_progress(run_dir: str | Path) -> str:

@@ -10,12 +10,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vae_lightning.names import SUMMARY_COLUMNS
 from vae_lightning.outputs import read_json
-
-COLUMNS = (
-    "job", "overrides", "status", "epochs",
-    "train/bce", "train/kl", "train/loss", "val/bce", "val/kl", "val/loss", "test/iw_nll", "wall_seconds",
-)  # fmt: skip
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -37,16 +33,16 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
         metrics = metrics or {}
         varied = " ".join(o for o in overrides[job] if o not in common)
         row: dict[str, Any] = {"job": job.name, "overrides": varied, "status": status}
-        for key in COLUMNS[3:]:
+        for key in SUMMARY_COLUMNS[3:]:
             value = metrics.get(key)
             row[key] = round(value, 3) if isinstance(value, float) else value
         rows.append(row)
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
     shared = " ".join(o for o in next(iter(overrides.values()), []) if o in common) or "none"
     header = f"# Sweep {sweep_dir.name}\n\nOverrides shared by every job: `{shared}`\n\n"
     (sweep_dir / "summary.md").write_text(header + "\n".join(lines) + "\n")

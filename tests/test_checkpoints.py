@@ -1,0 +1,79 @@
+"""No checkpoint runs code: every load goes through torch's safe unpickler."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_cli
+
+from vae_lightning.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
+from vae_lightning.errors import UserError
+from vae_lightning.module import VAEModule
+
+
+class CreatesAFile:
+    """Unpickling this would run ``touch <path>``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def crafted_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "shared.ckpt"
+    state = {"state_dict": VAEModule().state_dict(), "hyper_parameters": {"latent_dim": 20, "x": CreatesAFile(marker)}}
+    torch.save(state, ckpt)
+    return ckpt, marker
+
+
+REFUSAL = "refusing checkpoint {ckpt}: it holds posix.system, which a vae_lightning checkpoint never does"
+
+
+def test_a_checkpoint_holding_code_is_refused_before_it_runs(tmp_path):
+    ckpt, marker = crafted_checkpoint(tmp_path)
+    with pytest.raises(UserError, match=REFUSAL.format(ckpt=ckpt)):
+        load_checkpoint(ckpt)
+    with pytest.raises(UserError, match="refusing checkpoint"):
+        AtomicCheckpointIO().load_checkpoint(ckpt)  # what Lightning calls for ckpt_path=...
+    assert not marker.exists()
+
+
+def test_our_own_checkpoints_load_safely(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    module = VAEModule(latent_dim=3)
+    AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "epoch": 4}, ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded["epoch"] == 4 and torch.equal(loaded["state_dict"]["model.fc_mu.bias"], module.model.fc_mu.bias)
+    assert find_checkpoint(tmp_path, "last") == ckpt.resolve() == find_checkpoint(tmp_path, "best")
+
+
+def test_a_damaged_or_foreign_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match=rf"cannot read checkpoint {bad}: .*; pass another ckpt_path"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_checkpoint_holding_code_for_eval_and_for_continuing(tmp_path):
+    ckpt, marker = crafted_checkpoint(tmp_path)
+    for module, out in (("vae_lightning.eval", "eval"), ("vae_lightning.train", "train")):
+        result = run_cli(module, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / out}")
+        assert result.returncode == 1, module
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: " + REFUSAL.format(ckpt=ckpt)), module
+    assert not marker.exists()
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": VAEModule().state_dict()}, ckpt)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a weight tensor
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"checkpoint {ckpt} is damaged \(archive/data/\d+ fails its checksum\)"):
+        load_checkpoint(ckpt)
