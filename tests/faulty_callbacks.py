@@ -13,3 +13,15 @@ class RaiseAtEpochEnd(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch + 1 == self.epoch:
             raise RuntimeError(f"a callback failed at the end of epoch {self.epoch}")
+
+
+class PoisonOnRank(L.Callback):
+    """Makes the weights of process ``rank`` infinite just before step ``step`` (1-based), as a
+    blow-up on one process only would: the other processes see it a step later, if at all."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step + 1 == self.step:
+            pl_module.model.fc_logvar.bias.data.fill_(1e4)

@@ -1,13 +1,18 @@
 """Lightning DDP on the CPU (2 processes over gloo) through the same command a user runs."""
 
 import csv
+import json
+import math
 
 import lightning as L
 import pytest
-from helpers import epoch_rows, run_cli
+import torch
+from helpers import REPO, compose_train, epoch_rows, run_cli
 
 from vae_lightning.data import MNISTDataModule
+from vae_lightning.launch import processes
 from vae_lightning.module import VAEModule
+from vae_lightning.train import build
 
 
 @pytest.mark.slow
@@ -55,3 +60,60 @@ def test_a_multirun_whose_jobs_use_ddp(mnist_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert [r["overrides"] for r in rows] == ["model.latent_dim=2", "model.latent_dim=4"]
+
+
+def test_the_default_trains_in_one_process_and_ddp_asks_for_more(tmp_path):
+    default = compose_train(tmp_path)
+    assert processes(default.trainer) == 1
+    trainer = build(default.trainer, "trainer", logger=False)
+    assert trainer.num_devices == 1 and trainer.world_size == 1
+    ddp = compose_train(tmp_path, "trainer=ddp")
+    assert processes(ddp.trainer) == 2 and ddp.trainer.accelerator == "cpu"  # gloo, even beside a GPU
+    assert processes(compose_train(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.num_nodes=2").trainer) == 4
+
+
+@pytest.mark.slow
+def test_a_divergence_on_one_process_stops_every_process(mnist_dir, tmp_path):
+    result = run_cli(
+        "vae_lightning.train", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=1",
+        "+callbacks.poison._target_=faulty_callbacks.PoisonOnRank", "+callbacks.poison.rank=1",
+        "+callbacks.poison.step=100",  # the last step of the first block of logged steps
+        f"data.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path}",
+        env={"PYTHONPATH": str(REPO / "tests")},
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: training diverged")]
+    assert len(errors) == 2, result.stderr[-3000:]  # each process says it once, none waits for a timeout
+    assert any("at step 100 of epoch 1" in e for e in errors)
+    assert any("the loss of another process became infinite or NaN by step 100" in e for e in errors)
+
+
+@pytest.mark.slow
+def test_bf16_true_trains_tests_and_draws_end_to_end(mnist_dir, tmp_path):
+    result = run_cli(
+        "vae_lightning.train", "trainer.precision=bf16-true", "trainer.max_epochs=1", "+trainer.limit_train_batches=30",
+        "eval.k=2", f"data.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert 150 < metrics["train/loss"] < 400 and math.isfinite(metrics["test/iw_nll"])
+    # the running sums stay fp32: the epoch value is not rounded to bf16's 3 significant digits
+    assert metrics["train/loss"] != float(torch.tensor(metrics["train/loss"]).bfloat16())
+    for name in ("samples.png", "reconstructions.png", "latent_scatter.png"):
+        assert (tmp_path / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_an_optuna_search_whose_trials_use_ddp(mnist_dir, tmp_path):
+    """Each trial's children run that trial alone, not a search of their own."""
+    sweep = tmp_path / "optuna"
+    result = run_cli(
+        "vae_lightning.train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer=ddp",
+        "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "eval.k=2",
+        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no nested searches
+    with (sweep / "summary.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed", "completed"]
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()

@@ -108,8 +108,14 @@ class TrainingHistory(L.Callback):
             for step, (bce, kl) in zip(steps.tolist(), values.tolist(), strict=True):
                 values_at_step = {"bce": bce, "kl": kl, "loss": bce + kl}
                 logger.log_metrics({STEP_METRICS[term]: value for term, value in values_at_step.items()}, step)
+        if trainer is None:
+            return
         bad = (~torch.isfinite(values).all(dim=1)).nonzero()
-        if len(bad) and trainer is not None:
+        # every rank flushes at the same steps: all of them stop if any one diverged, rather than
+        # the others waiting for it in the next all-reduce until a timeout
+        if trainer.strategy.reduce_boolean_decision(bool(len(bad)), all=False):
+            if not len(bad):
+                raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
             step, (bce, kl) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
             raise _diverged(
                 trainer,

@@ -53,7 +53,7 @@ def check_hardware(trainer_cfg: DictConfig) -> None:
     if accelerator not in ("gpu", "cuda"):
         return
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    wanted = devices if isinstance(devices, int) and devices > 0 else 1
+    wanted = devices if isinstance(devices, int) and devices > 0 else len(devices) if OmegaConf.is_list(devices) else 1
     if found == 0:
         raise UserError(
             f"trainer.accelerator={accelerator} but no CUDA GPU was found on this machine; "

@@ -68,6 +68,8 @@ class Evaluation(L.Callback):
             mus.append(model.encode(xb.to(model.fc1.weight.dtype))[0].float())
             done = sum(len(b) for b in bounds)
             if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
+                if test_x.is_cuda:  # the clock must see the device's work, not its queue
+                    torch.cuda.synchronize(test_x.device)
                 print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "
                       f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
                 next_report += 0.1

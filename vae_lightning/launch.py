@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -24,16 +25,30 @@ def route_lightning_logs() -> None:
         logger.propagate = True
 
 
-def hand_ddp_this_job_alone(cfg: DictConfig) -> None:
+def processes(trainer_cfg: DictConfig) -> int:
+    """How many training processes the trainer config asks for (devices x nodes)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    count = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) else 1
+    if count == -1 or devices == "auto":  # every device found
+        count = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+    return count * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
     """Lightning starts the other DDP processes by re-running the command line. In a Hydra
-    multirun that command is the whole sweep, so each child would run every job; give it this
-    job's overrides and directory instead."""
-    if "ddp" not in str(cfg.trainer.get("strategy", "")) or not HydraConfig.initialized():
+    multirun that command is the whole sweep (or search), so each child would run every job; give
+    it this job's overrides, with the checkpoint this job continues, and its directory instead."""
+    if processes(cfg.trainer) < 2 or not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return
-    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    # hparams_search=... would make each child a search of its own; ckpt_path=last would make it
+    # look for a run of its own
+    job = [o for o in hydra_cfg.overrides.task if not o.startswith(("hparams_search=", "ckpt_path="))]
+    sys.argv = [sys.argv[0], *job, *([f"ckpt_path={checkpoint}"] if checkpoint else [])]
     OmegaConf.set_readonly(hydra_cfg, False)
     hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # read by Lightning for the children
     # the previous job's process group and rendezvous settings would make Lightning think its

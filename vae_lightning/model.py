@@ -116,7 +116,8 @@ def iw_log_likelihood(
     folded into a running log-sum-exp. ``sum_pixels x * logits`` is linear in the decoder's
     last hidden layer, so it is computed as h . (W4^T x) + b4 . x, never as a k x 784 product.
     """
-    mu, logvar = (t.float() for t in model.encode(x))
+    dtype = model.fc1.weight.dtype  # the layers may hold bf16 or fp16 weights; the sums stay fp32+
+    mu, logvar = (t.float() for t in model.encode(x.to(dtype)))
     std = torch.exp(0.5 * logvar)
     n, d = mu.shape
     x = x.float()
@@ -130,7 +131,7 @@ def iw_log_likelihood(
         kc = min(per_chunk, k - start)
         eps = torch.randn(kc, n, d, device=x.device, generator=generator)
         z = mu + std * eps
-        h = torch.relu(model.fc3(z)).float()
+        h = torch.relu(model.fc3(z.to(dtype))).float()
         logits = F.linear(h, model.fc4.weight.float(), model.fc4.bias.float())
         log_px = (h * x_w4).sum(-1) + x_b4 - F.softplus(logits).sum(-1)  # sum x*l - softplus(l)
         log_pz = -0.5 * z.pow(2).sum(-1) - log_norm

@@ -65,6 +65,14 @@ class VAEModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_to_restore = None
 
+    def on_fit_start(self) -> None:
+        # trainer.precision=bf16-true / 16-true converts the whole module, the metrics' running
+        # sums included; sums over 60k images need fp32
+        for mean in self.means.values():
+            mean.set_dtype(torch.float32)
+
+    on_validation_start = on_test_start = on_fit_start
+
     def on_train_epoch_start(self) -> None:
         self._logged_this_epoch = set()
 

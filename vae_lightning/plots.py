@@ -67,8 +67,7 @@ def loss_curves(
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, n: int, nrow: int, seed: int) -> torch.Tensor:
     """Decoded N(0, I) draws as an image grid; the same seed gives the same z on any device."""
-    device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
     was_training = model.training
     model.eval()
     images = _digits(model, z)
@@ -81,10 +80,16 @@ def upscale(image: torch.Tensor, scale: int) -> torch.Tensor:
     return image.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
+def _as_input(model: torch.nn.Module, t: Tensor) -> Tensor:
+    """``t`` on the model's device and in its dtype (weights may be bf16 or fp16)."""
+    weight = next(model.parameters())
+    return t.to(device=weight.device, dtype=weight.dtype)
+
+
 def _digits(model: torch.nn.Module, z: Tensor) -> Tensor:
     """Decoded pixel probabilities as (n, 1, side, side) on the CPU."""
     side = math.isqrt(model.input_dim)
-    return model.decode(z).float().view(len(z), 1, side, side).cpu()
+    return model.decode(_as_input(model, z)).float().view(len(z), 1, side, side).cpu()
 
 
 def digit_grid(images: Tensor, nrow: int) -> Tensor:
@@ -96,7 +101,7 @@ def digit_grid(images: Tensor, nrow: int) -> Tensor:
 @torch.no_grad()
 def reconstruction_grid(model: torch.nn.Module, x: Tensor, nrow: int = 10) -> Tensor:
     """Rows of test digits, each above its reconstruction decode(E[z|x])."""
-    mu, _ = model.encode(x)
+    mu, _ = model.encode(_as_input(model, x))
     recon = model.decode(mu).float()
     rows = []
     for start in range(0, len(x), nrow):
@@ -107,8 +112,8 @@ def reconstruction_grid(model: torch.nn.Module, x: Tensor, nrow: int = 10) -> Te
 @torch.no_grad()
 def interpolation_grid(model: torch.nn.Module, x_from: Tensor, x_to: Tensor, steps: int = 10) -> Tensor:
     """One row per pair: decoded points on the straight line from E[z|a] to E[z|b]."""
-    mu_a, _ = model.encode(x_from)
-    mu_b, _ = model.encode(x_to)
+    mu_a, _ = model.encode(_as_input(model, x_from))
+    mu_b, _ = model.encode(_as_input(model, x_to))
     t = torch.linspace(0, 1, steps, device=mu_a.device).view(1, steps, 1)
     z = (mu_a.unsqueeze(1) * (1 - t) + mu_b.unsqueeze(1) * t).reshape(-1, mu_a.shape[1])
     return digit_grid(_digits(model, z), steps)
@@ -118,10 +123,9 @@ def interpolation_grid(model: torch.nn.Module, x_from: Tensor, x_to: Tensor, ste
 def manifold_grid(model: torch.nn.Module, n: int = 20) -> Tensor:
     """For a 2-D latent space: digits decoded on an n x n grid of Gaussian quantiles
     (Kingma & Welling 2014, fig. 4); z1 grows to the right, z2 upwards."""
-    device = next(model.parameters()).device
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
-    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1).to(device)
+    z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
     return digit_grid(_digits(model, z), n)
 
 

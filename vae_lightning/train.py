@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_hardware, validate_config
 from vae_lightning.errors import UserError
-from vae_lightning.launch import hand_ddp_this_job_alone, route_lightning_logs
+from vae_lightning.launch import hand_ddp_this_job_alone, processes, route_lightning_logs
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
 from vae_lightning.resume import check_same_model, plan_resume
@@ -44,7 +44,6 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     """Check the config, seed everything and build (datamodule, module, trainer)."""
     validate_config(cfg)
     check_hardware(cfg.trainer)
-    hand_ddp_this_job_alone(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first
@@ -75,6 +74,9 @@ def train(cfg: DictConfig) -> dict:
     elif sweep_job and cfg.get("ckpt_path") == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
 
+    if (count := processes(cfg.trainer)) > 1:
+        log.info(f"{count} processes, each taking data.batch_size={cfg.data.batch_size} images a step")
+    hand_ddp_this_job_alone(cfg, resume.checkpoint)
     datamodule, module, trainer = build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
     metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
