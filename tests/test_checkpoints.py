@@ -9,6 +9,8 @@ from helpers import run_cli
 
 from vae_lightning.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
+from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.model import VAE
 from vae_lightning.module import VAEModule
 
 
@@ -77,3 +79,16 @@ def test_a_checkpoint_damaged_on_disk_is_refused(tmp_path):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(UserError, match=rf"checkpoint {ckpt} is damaged \(archive/data/\d+ fails its checksum\)"):
         load_checkpoint(ckpt)
+
+
+def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):
+    reference = VAE(hidden_dim=50, latent_dim=3)  # its layer names are ours
+    path = tmp_path / "vae.pth"
+    torch.save(reference.state_dict(), path)
+    module = module_from_checkpoint(path)
+    assert (module.model.hidden_dim, module.model.latent_dim) == (50, 3)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(module.model.state_dict()[key], value), key
+    torch.save({"something": torch.zeros(3)}, path)
+    with pytest.raises(UserError, match="is neither a vae_lightning checkpoint nor a VAE state_dict"):
+        module_from_checkpoint(path)

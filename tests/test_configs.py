@@ -8,7 +8,7 @@ import torch
 from helpers import CONF_DIR, compose_config, compose_train
 from omegaconf import OmegaConf
 
-from vae_lightning.checks import check_hardware, validate_config
+from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.evaluation import Evaluation
 from vae_lightning.train import build
@@ -103,3 +103,9 @@ def test_impossible_values_are_refused_before_anything_is_built(tmp_path, overri
 
 def test_sensible_values_pass_validation(tmp_path):
     validate_config(compose_train(tmp_path, "model.latent_dim=2", "model.lr=3e-4", "eval.k=0"))
+
+
+def test_a_new_key_that_nothing_reads_is_refused():
+    with pytest.raises(UserError, match=r"\+foo=1: foo is not a setting of this project, so nothing would read it"):
+        check_new_keys(["model.lr=1e-3", "+foo=1"])
+    check_new_keys(["+trainer.limit_train_batches=10", "+callbacks.extra._target_=x.Y", "++seed=3"])

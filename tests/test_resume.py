@@ -7,12 +7,14 @@ from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from vae_lightning.errors import UserError
-from vae_lightning.resume import ContinueRun, plan_resume, run_to_continue
+from vae_lightning.outputs import CheckOutputDir
+from vae_lightning.resume import ContinueRun, changed_data_settings, plan_resume, run_to_continue
 
 
 def make_run(log_dir: Path, name: str, epochs: int | None = None) -> Path:
     run = log_dir / "train" / "runs" / name
     (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("data:\n  batch_size: 128\n  data_dir: null\n")
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"not read here")
     if epochs is not None:
@@ -73,3 +75,20 @@ def test_plan_resume_for_runs_and_sweep_jobs(tmp_path):
     assert plan_resume("last", tmp_path / "new_job", 10, sweep_job=True).checkpoint is None  # starts
     with pytest.raises(UserError, match="has no checkpoints/last.ckpt"):
         plan_resume("last", tmp_path / "new_run", 10, sweep_job=False)
+
+
+def test_a_continuation_with_other_data_settings_is_recorded(tmp_path):
+    run = make_run(tmp_path, "r")
+    cfg = hydra_config("data.batch_size=64")
+    assert changed_data_settings(cfg, run) == ", with data.batch_size=64 (the run started with 128)"
+    assert changed_data_settings(hydra_config(), run) == ""
+
+
+def test_runs_started_in_the_same_second_get_dirs_of_their_own(tmp_path):
+    dirs = []
+    for _ in range(3):
+        cfg = hydra_config(f"paths.log_dir={tmp_path}", "hydra.run.dir=" + "${paths.log_dir}/runs/same_second")
+        cfg.hydra.overrides.hydra = []  # as if the dir came from the default pattern
+        CheckOutputDir().on_run_start(cfg)
+        dirs.append(cfg.hydra.run.dir)
+    assert dirs == [f"{tmp_path}/runs/same_second", f"{tmp_path}/runs/same_second_2", f"{tmp_path}/runs/same_second_3"]

@@ -40,6 +40,22 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
 
 
+# keys a "+key=value" override may add: arguments of the Lightning objects these build, which say
+# themselves when one is wrong. Anywhere else a new key would be read by nothing.
+OPEN_GROUPS = ("trainer", "callbacks", "logger", "model", "data", "eval")
+
+
+def check_new_keys(overrides: list[str]) -> None:
+    """Refuse ``+key=value`` overrides that add a key nothing reads (``+foo=1``)."""
+    for override in overrides:
+        if override.startswith("+") and not override.startswith("++"):
+            key = override[1:].split("=", 1)[0]
+            if key.split(".")[0].split("/")[0] not in OPEN_GROUPS:
+                raise UserError(
+                    f"{override}: {key} is not a setting of this project, so nothing would read it; check its spelling"
+                )
+
+
 def check_hardware(trainer_cfg: DictConfig) -> None:
     """Say plainly when the config asks for GPUs, or CPU processes, this machine does not have."""
     accelerator = str(trainer_cfg.get("accelerator", "auto"))

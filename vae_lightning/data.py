@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import os
+import shutil
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import datasets
 
 from vae_lightning.errors import DataError
+from vae_lightning.outputs import replaced_atomically
 
 # name -> (bytes, md5) of the uncompressed files torchvision keeps in <data_dir>/MNIST/raw
 MNIST_FILES = {
@@ -36,6 +40,9 @@ def ensure_mnist(data_dir: str | Path, download: bool = True, verify_checksums: 
     """Make sure the four MNIST files are in ``data_dir/MNIST/raw`` and intact; return that dir."""
     raw = Path(data_dir).expanduser().resolve() / "MNIST" / "raw"
     missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
+    for name in [m for m in missing if (raw / f"{m}.gz").is_file()]:  # as many mirrors ship them
+        _gunzip(raw / f"{name}.gz", raw / name)
+        missing.remove(name)
     if missing and download:
         _download(raw.parent.parent)
         missing = [name for name in MNIST_FILES if not (raw / name).is_file()]
@@ -57,6 +64,17 @@ def ensure_mnist(data_dir: str | Path, download: bool = True, verify_checksums: 
                 f"MNIST file {path} is corrupt (md5 mismatch); delete it to download it again, or {POINT_ELSEWHERE}"
             )
     return raw
+
+
+def _gunzip(archive: Path, target: Path) -> None:
+    try:
+        with gzip.open(archive) as source, replaced_atomically(target) as partial, partial.open("wb") as out:
+            shutil.copyfileobj(source, out)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(
+            f"MNIST archive {archive} cannot be decompressed ({err}); delete it to download it again, or "
+            f"{POINT_ELSEWHERE}"
+        ) from None
 
 
 def _download(root: Path) -> None:

@@ -5,6 +5,7 @@ a training run."""
 from __future__ import annotations
 
 import inspect
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
@@ -77,6 +79,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)["test/iw_nll"]
+    except SIGTERMException:
+        print("error: stopped by SIGTERM before the evaluation finished; run the same command again", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
     except OSError as err:

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import save_image
 
@@ -53,17 +54,19 @@ class Evaluation(L.Callback):
             return
         model: VAE = pl_module.model
         test_x, test_y = trainer.datamodule.test_x.to(pl_module.device), trainer.datamodule.test_y
-        iw_nll, mu = self.bound(model, test_x)
+        iw_nll, mu = self.bound(model, test_x, trainer)
         pl_module.log(IW_NLL, iw_nll, rank_zero_only=True)
         pl_module.log(ACTIVE_UNITS, float(active_units(mu)), rank_zero_only=True)
         self.write_figures(model, test_x, test_y.cpu(), mu, trainer)
 
-    def bound(self, model: VAE, test_x: Tensor) -> tuple[float, Tensor]:
+    def bound(self, model: VAE, test_x: Tensor, trainer: L.Trainer) -> tuple[float, Tensor]:
         """The mean importance-weighted bound's negative and every test image's E[z|x]."""
         gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
         start, next_report = time.perf_counter(), 0.1
         bounds, mus = [], []
         for xb in test_x.split(self.batch_size):
+            if trainer.received_sigterm:  # Lightning checks between test batches, not in this long hook
+                raise SIGTERMException
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
             mus.append(model.encode(xb.to(model.fc1.weight.dtype))[0].float())
             done = sum(len(b) for b in bounds)

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.outputs import read_json
+from vae_lightning.outputs import CHOSEN_RUN_DIRS, read_json
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state)
@@ -78,6 +78,21 @@ def check_same_model(ckpt: Path, model_cfg: DictConfig) -> None:
         )
 
 
+def changed_data_settings(cfg: DictConfig, run_dir: Path) -> str:
+    """``, with data.batch_size=64 (the run started with 128)`` for each data setting a continued
+    run changes: recorded in its train.log (and its config in .hydra/continued_<time>/)."""
+    first = run_dir / ".hydra" / "config.yaml"
+    if not first.is_file():
+        return ""
+    started = OmegaConf.load(first).get("data", {})
+    changed = [
+        f"data.{key}={value} (the run started with {started[key]})"
+        for key, value in cfg.data.items()
+        if key in started and started[key] != value and key != "data_dir"
+    ]
+    return f", with {', '.join(changed)}" if changed else ""
+
+
 def _overridden(config: DictConfig, key: str) -> bool:
     return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
 
@@ -104,6 +119,7 @@ class ContinueRun(Callback):
             return
         with read_write(config.hydra):
             config.hydra.run.dir = str(run_dir)
+            CHOSEN_RUN_DIRS.add(str(run_dir))
             if config.hydra.output_subdir is not None:  # (DDP children write none)
                 # the run's own .hydra/ keeps the config it started with; each continuation's beside it
                 config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"

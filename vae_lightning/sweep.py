@@ -4,6 +4,7 @@ in the sweep dir, one row per job (its overrides and final metrics)."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir():
-            rows = summarise(sweep_dir)
-            print(f"Sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
+        if not sweep_dir.is_dir():
+            return
+        rows = summarise(sweep_dir)
+        print(f"Sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
+        failed = [row["job"] for row in rows if row["status"] != "completed"]
+        if failed:  # the other jobs ran to the end; the exit code says not all of them finished
+            which = f"{len(failed)} of {len(rows)} jobs failed ({', '.join(failed)})"
+            print(f"error: {which}; see {sweep_dir / 'summary.md'}", file=sys.stderr)
+            raise SystemExit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -15,15 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vae_lightning.checkpoints import saved_progress
-from vae_lightning.checks import check_hardware, validate_config
+from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.launch import hand_ddp_this_job_alone, processes, route_lightning_logs
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
-from vae_lightning.resume import check_same_model, plan_resume
+from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     out = Path(cfg.paths.output_dir)
     sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if HydraConfig.initialized():
+        check_new_keys(list(HydraConfig.get().overrides.task))
     resume = plan_resume(cfg.get("ckpt_path"), out, cfg.trainer.max_epochs, sweep_job)
     if resume.finished is not None:
         log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
@@ -70,7 +74,7 @@ def train(cfg: DictConfig) -> dict:
     if resume.checkpoint is not None:
         check_same_model(resume.checkpoint, cfg.model)
         where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
-        log.info(f"Continuing {where} from {resume.checkpoint}")
+        log.info(f"Continuing {where} from {resume.checkpoint}{changed_data_settings(cfg, out)}")
     elif sweep_job and cfg.get("ckpt_path") == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
 
@@ -90,6 +94,8 @@ def train(cfg: DictConfig) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()}, checkpoint=best or metrics["checkpoint"])
         metrics["k"] = cfg.eval.k
+        if trainer.received_sigterm:  # Lightning does not check after the last test batch
+            raise SIGTERMException
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         record(cfg, metrics, trainer.loggers)
@@ -104,6 +110,11 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
         return metrics.get(cfg.get("optimized_metric"))
+    except SIGTERMException:  # a scheduler's stop or pre-emption: the whole sweep stops too
+        reason = f"stopped by SIGTERM; {saved_progress(out)}"
+        print(f"error: {reason}", file=sys.stderr)
+        record_failure(out, reason)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except UserError as err:
         reason = str(err)
     except Exception as err:
