@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -98,3 +99,44 @@ def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, what: str, tim
     while not ready():
         assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {what}"
         time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_env(kind: str, rank: int, port: int) -> dict[str, str]:
+    """What a launcher sets for process ``rank`` of a 2-node job with one process per node:
+    ``env`` is Lightning's own multi-node variables, ``slurm`` those of a 2-task Slurm job."""
+    if kind == "env":
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}
+    return {
+        "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2", "SLURM_NODEID": str(rank),
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vae",
+        "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port),
+    }  # fmt: skip
+
+
+def start_two_nodes(kind: str, *overrides: str) -> list[subprocess.Popen]:
+    """``python -m vae_lightning.train trainer=ddp trainer.devices=1 trainer.num_nodes=2 <overrides>``
+    as two "nodes" on the loopback, one process each."""
+    port = free_port()
+    args = ["trainer=ddp", "trainer.devices=1", "trainer.num_nodes=2", *overrides]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "vae_lightning.train", *args],
+            cwd=REPO,
+            env={**os.environ, **node_env(kind, rank, port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
+    """Each process's exit code and stderr once all have ended."""
+    return [(proc.wait(timeout), proc.communicate()[1]) for proc in procs]

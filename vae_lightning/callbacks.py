@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import save_image
 
 from vae_lightning.checkpoints import saved_progress
@@ -185,3 +188,45 @@ class SampleGrid(L.Callback):
             save_image(upscale(grid, self.scale), partial, format="png")
         for tb in _tensorboards(trainer):
             tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+
+
+class StopOnSigterm(L.Callback):
+    """A SIGTERM (what Slurm and most schedulers send before they stop or pre-empt a job) stops
+    every process of the run together, with the ``SIGTERMException`` Lightning itself uses.
+
+    Lightning's own handler runs a collective inside the signal handler, which deadlocks DDP when
+    only some processes got the signal. This one only sets a flag; the processes agree on it every
+    ``check_every`` training steps (every step on one process) and after every eval batch."""
+
+    def __init__(self, check_every: int = 20) -> None:
+        self.check_every = check_every
+        self.requested = False
+
+    def _install(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its handler when a stage starts, before these hooks run
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    on_train_start = on_test_start = _install
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            self.requested = True
+            raise SIGTERMException
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.world_size == 1 or trainer.global_step % self.check_every == 0:
+            self._check(trainer)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._check(trainer)
+
+    on_test_batch_end = on_validation_batch_end
+
+
+def sigterm_requested(trainer: L.Trainer) -> bool:
+    """Whether this process was asked to stop, by Lightning's handler or by ``StopOnSigterm``'s."""
+    return trainer.received_sigterm or any(isinstance(cb, StopOnSigterm) and cb.requested for cb in trainer.callbacks)

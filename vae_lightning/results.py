@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
@@ -61,6 +62,8 @@ def report_lines(metrics: dict[str, Any]) -> list[str]:
 def record_failure(out: Path, reason: str) -> None:
     """Leave the reason in the run dir, where a sweep summary finds it, beside whatever the run had
     finished, and in train.log (the console already has it on stderr)."""
+    if rank_zero_only.rank != 0:  # the other processes of a DDP run say it on stderr only
+        return
     record_ = log.makeRecord(log.name, logging.ERROR, __file__, 0, f"error: {reason}", None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from vae_lightning.callbacks import sigterm_requested
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
@@ -94,7 +95,7 @@ def train(cfg: DictConfig) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()}, checkpoint=best or metrics["checkpoint"])
         metrics["k"] = cfg.eval.k
-        if trainer.received_sigterm:  # Lightning does not check after the last test batch
+        if sigterm_requested(trainer):  # nothing checks after the last test batch
             raise SIGTERMException
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
