@@ -39,12 +39,33 @@ from vae_lightning.train import build_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def reference_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so the clock reads the work and not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """What the timings depend on: results from different machines are not comparable."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_flags": [flag for flag in wanted if flag in flags],
+        "threads": torch.get_num_threads(),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "torch": torch.__version__,
+    }
+
+
+def reference_loop_epochs(data_dir: Path, epochs: int, device: torch.device) -> list[float]:
     """The reference notebook's cells, unchanged but for timing (its VAE is ours: same layers and init)."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x.view(-1))])
     train_dataset = datasets.MNIST(root=str(data_dir), train=True, transform=transform, download=False)
     train_loader = DataLoader(train_dataset, batch_size=128, shuffle=True)
-    vae = VAE()
+    vae = VAE().to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
 
     def loss_function(recon_x, x, mu, logvar):
@@ -58,6 +79,7 @@ def reference_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
         vae.train()
         train_loss = reconstruction_loss = kl_loss = 0.0
         for data, _ in train_loader:
+            data = data.to(device)
             optimizer.zero_grad()
             recon_batch, mu, logvar = vae(data)
             loss, bce, kld = loss_function(recon_batch, data, mu, logvar)
@@ -66,23 +88,26 @@ def reference_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
             reconstruction_loss += bce.item()
             kl_loss += kld.item()
             optimizer.step()
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def bare_loop_epochs(data_dir: Path, epochs: int) -> list[float]:
-    images = load_split(data_dir, train=True)[0]
-    vae = VAE()
+def bare_loop_epochs(data_dir: Path, epochs: int, device: torch.device) -> list[float]:
+    images = load_split(data_dir, train=True)[0].to(device)
+    vae = VAE().to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3, fused=True)
     times = []
     for _ in range(epochs):
+        sync(device)
         start = time.perf_counter()
-        order = torch.randperm(len(images))
+        order = torch.randperm(len(images), device=device)
         for i in range(0, len(images), 128):
             bce, kl = elbo_terms(vae, images[order[i : i + 128]])
             optimizer.zero_grad()
             (bce.sum() + kl.sum()).backward()
             optimizer.step()
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -96,16 +121,20 @@ class EpochTimer(L.Callback):
         self.val_times: list[float] = []
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        sync(pl_module.device)
         self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
+            sync(pl_module.device)
             self.val_times.append(time.perf_counter() - self._val_start)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        sync(pl_module.device)
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        sync(pl_module.device)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -123,13 +152,13 @@ def project_epochs(data_dir: Path, epochs: int, overrides: list[str]) -> tuple[l
     return timer.times, timer.val_times
 
 
-def gemm_floor(batch: int = 128, repeats: int = 30) -> dict[str, float]:
+def gemm_floor(device: torch.device, batch: int = 128, repeats: int = 30) -> dict[str, float]:
     """FLOP/s of the GEMMs of one training step (forward and backward, bias-free) at the
     model's shapes, and the seconds an epoch's GEMMs would take at that rate."""
     dims = [(784, 400), (400, 40), (20, 400), (400, 784)]  # fc_mu and fc_logvar as one 400x40
-    weights = [torch.randn(o, i) for i, o in dims]
-    acts = [torch.randn(batch, i) for i, _ in dims]
-    outs = [torch.randn(batch, o) for _, o in dims]
+    weights = [torch.randn(o, i, device=device) for i, o in dims]
+    acts = [torch.randn(batch, i, device=device) for i, _ in dims]
+    outs = [torch.randn(batch, o, device=device) for _, o in dims]
     flops = 0
     for k, (i, o) in enumerate(dims):
         flops += 2 * batch * i * o * (3 if k else 2)  # forward, weight grad, input grad (not for x)
@@ -143,9 +172,11 @@ def gemm_floor(batch: int = 128, repeats: int = 30) -> dict[str, float]:
 
     for _ in range(5):
         step()
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         step()
+    sync(device)
     rate = flops * repeats / (time.perf_counter() - start)
     epoch_flops = flops * 60000 / batch
     return {"gflop_per_s": rate / 1e9, "gflop_per_epoch": epoch_flops / 1e9, "s_per_epoch": epoch_flops / rate}
@@ -156,8 +187,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all candidates")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per candidate per round")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "epoch_speed.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("overrides", nargs="*", help="config overrides for the project's path (b)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    # every candidate on the same device: (b) with the trainer on it
+    overrides = [f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", *args.overrides]
 
     data_dir = default_data_dir()
     try:
@@ -166,12 +201,12 @@ def main() -> None:
         raise SystemExit(f"error: {err}") from None
     reference, project, val, bare, floor = [], [], [], [], []
     for r in range(args.rounds):
-        reference += reference_loop_epochs(data_dir, args.epochs)
-        epoch_times, val_times = project_epochs(data_dir, args.epochs, args.overrides)
+        reference += reference_loop_epochs(data_dir, args.epochs, device)
+        epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)
         project += epoch_times
         val += val_times
-        bare += bare_loop_epochs(data_dir, args.epochs)
-        floor.append(gemm_floor())
+        bare += bare_loop_epochs(data_dir, args.epochs, device)
+        floor.append(gemm_floor(device))
         print(
             f"round {r + 1}/{args.rounds}: reference notebook {reference[-1]:.2f} s, "
             f"project {project[-1]:.2f} s, bare {bare[-1]:.2f} s",
@@ -182,10 +217,10 @@ def main() -> None:
     c = statistics.median(f["s_per_epoch"] for f in floor)
     rate = statistics.median(f["gflop_per_s"] for f in floor)
     result = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(device),
         "rounds": args.rounds,
         "epochs_per_round": args.epochs,
-        "overrides": args.overrides,
+        "overrides": overrides,
         "reference_loop_s_per_epoch": {"median": a, "min": min(reference), "max": max(reference)},
         "project_s_per_epoch": {"median": b, "min": min(project), "max": max(project)},
         "validation_s_per_epoch": statistics.median(val),
@@ -197,7 +232,7 @@ def main() -> None:
         "project_over_floor": b / c,
         "project_over_bare": b / d,
     }
-    print()
+    print(f"\nmachine: {result['machine']}\n")
     print("| candidate | s/epoch (median) | min-max |")
     print("|---|---|---|")
     print(f"| (a) reference notebook loop | {a:.2f} | {min(reference):.2f}-{max(reference):.2f} |")
