@@ -48,21 +48,30 @@ class VAEModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the reparameterisation noise is part of the run: a resumed run draws what an
-        # uninterrupted one would (data order is already fixed by the seed and epoch)
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # uninterrupted one would (the data order is fixed by the seed and epoch already). Every
+        # process saves here, rank 0 writes the file: it keeps each process's own generators.
+        states = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        every = [states]
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            every = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(every, states)
+        checkpoint["rng_states"] = every
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:
         # restored here, not on load: the sanity-check validation in between also draws noise
-        states = getattr(self, "_rng_to_restore", None)
-        if states:
+        saved = getattr(self, "_rng_to_restore", None)
+        if saved:
+            # this process's own; with another number of processes the noise cannot match anyway
+            states = saved[self.global_rank % len(saved)] if isinstance(saved, list) else saved
             torch.set_rng_state(states["torch"])
-            if "cuda" in states and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+            cuda = states.get("cuda")
+            if self.device.type == "cuda" and isinstance(cuda, torch.Tensor):  # (lists: an older format)
+                torch.cuda.set_rng_state(cuda, self.device)
             self._rng_to_restore = None
 
     def on_fit_start(self) -> None:
