@@ -25,6 +25,14 @@ def route_lightning_logs() -> None:
         logger.propagate = True
 
 
+def end_process_group() -> None:
+    """A DDP process ends its process group itself when its job ends. Left to the interpreter's
+    exit, gloo's threads can be torn down while in use ("terminate called without an active
+    exception"), and Lightning then kills the whole sweep for a child that crashed on its way out."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def processes(trainer_cfg: DictConfig) -> int:
     """How many training processes the trainer config asks for (devices x nodes)."""
     devices = trainer_cfg.get("devices", 1)

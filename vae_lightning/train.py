@@ -23,7 +23,7 @@ from vae_lightning.callbacks import sigterm_requested
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
-from vae_lightning.launch import hand_ddp_this_job_alone, processes, route_lightning_logs
+from vae_lightning.launch import end_process_group, hand_ddp_this_job_alone, processes, route_lightning_logs
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
 from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
@@ -110,6 +110,7 @@ def main(cfg: DictConfig) -> float | None:
     out = Path(cfg.paths.output_dir)
     try:
         metrics = train(cfg)
+        end_process_group()
         return metrics.get(cfg.get("optimized_metric"))
     except SIGTERMException:  # a scheduler's stop or pre-emption: the whole sweep stops too
         reason = f"stopped by SIGTERM; {saved_progress(out)}"
