@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
@@ -140,3 +141,13 @@ def start_two_nodes(kind: str, *overrides: str) -> list[subprocess.Popen]:
 def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[tuple[int, str]]:
     """Each process's exit code and stderr once all have ended."""
     return [(proc.wait(timeout), proc.communicate()[1]) for proc in procs]
+
+
+def brief_run(run_dir: Path, mnist_dir: Path, *overrides: str, batches: int = 30) -> dict:
+    """A 1-epoch CLI run of ``batches`` steps, tested and evaluated with k = 2; its metrics.json."""
+    result = run_cli(
+        "vae_lightning.train", "trainer.max_epochs=1", f"+trainer.limit_train_batches={batches}", "eval.k=2",
+        f"data.data_dir={mnist_dir}", f"hydra.run.dir={run_dir}", *overrides,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())

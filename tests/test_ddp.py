@@ -1,13 +1,12 @@
 """Lightning DDP on the CPU (2 processes over gloo) through the same command a user runs."""
 
 import csv
-import json
 import math
 
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, compose_train, epoch_rows, run_cli
+from helpers import REPO, brief_run, compose_train, epoch_rows, run_cli
 
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.launch import processes
@@ -90,12 +89,7 @@ def test_a_divergence_on_one_process_stops_every_process(mnist_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bf16_true_trains_tests_and_draws_end_to_end(mnist_dir, tmp_path):
-    result = run_cli(
-        "vae_lightning.train", "trainer.precision=bf16-true", "trainer.max_epochs=1", "+trainer.limit_train_batches=30",
-        "eval.k=2", f"data.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = brief_run(tmp_path, mnist_dir, "trainer.precision=bf16-true")
     assert 150 < metrics["train/loss"] < 400 and math.isfinite(metrics["test/iw_nll"])
     # the running sums stay fp32: the epoch value is not rounded to bf16's 3 significant digits
     assert metrics["train/loss"] != float(torch.tensor(metrics["train/loss"]).bfloat16())

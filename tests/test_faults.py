@@ -21,6 +21,7 @@ import torch
 from helpers import (
     REPO,
     SHORT,
+    brief_run,
     compose_train,
     epochs_column,
     kill_early_in_epoch_2,
@@ -458,14 +459,9 @@ def test_sigterm_stops_cleanly_says_what_was_kept_and_the_run_continues(tmp_path
 
 @pytest.mark.slow
 def test_a_one_dimensional_latent_space_gets_every_figure(tmp_path, mnist_dir):
-    result = run_cli(
-        "vae_lightning.train", "model.latent_dim=1", "trainer.max_epochs=1", "+trainer.limit_train_batches=50",
-        "eval.k=5", f"data.data_dir={mnist_dir}", f"hydra.run.dir={tmp_path}",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = brief_run(tmp_path, mnist_dir, "model.latent_dim=1", batches=50)
     for name in ("samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "loss_curves"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0, name
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert "status" not in metrics and metrics["test/active_units"] <= 1
 
 
