@@ -1,0 +1,99 @@
+"""``python -m vae_lightning.export ckpt_path=<run or file> format=onnx|torchscript|safetensors``:
+the encoder and the decoder of a checkpoint as files that need neither this package nor Lightning."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from vae_lightning.checkpoints import find_checkpoint
+from vae_lightning.errors import UserError
+from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.model import VAE
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+
+
+class Encoder(nn.Module):
+    """x (n, 784) in [0, 1] -> (mu, logvar) of q(z|x), each (n, latent_dim); only the encoder's layers."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.fc1, self.fc_mu, self.fc_logvar = vae.fc1, vae.fc_mu, vae.fc_logvar
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return VAE.encode(self, x)  # the VAE's own code, on these layers (the same names)
+
+
+class Decoder(nn.Module):
+    """z (n, latent_dim) -> pixel probabilities (n, 784); only the decoder's layers."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.fc3, self.fc4 = vae.fc3, vae.fc4
+
+    def forward(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(VAE.decode_logits(self, z))
+
+
+def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
+    """Write ``encoder.<ext>`` and ``decoder.<ext>`` (and ``vae.json``: the sizes) into ``out``."""
+    vae = vae.float().cpu().eval()
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {"input_dim": vae.input_dim, "hidden_dim": vae.hidden_dim, "latent_dim": vae.latent_dim}
+    (out / "vae.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    parts = {
+        "encoder": (Encoder(vae), torch.rand(2, vae.input_dim), ["x"], ["mu", "logvar"]),
+        "decoder": (Decoder(vae), torch.randn(2, vae.latent_dim), ["z"], ["x"]),
+    }
+    written = []
+    for name, (module, example, inputs, outputs) in parts.items():
+        if fmt == "onnx":
+            path = out / f"{name}.onnx"
+            batch = ({0: torch.export.Dim("n")},)  # any number of images or codes
+            torch.onnx.export(
+                module, (example,), path, input_names=inputs, output_names=outputs, dynamic_shapes=batch,
+                dynamo=True, external_data=False, verbose=False,
+            )  # fmt: skip
+        elif fmt == "torchscript":
+            path = out / f"{name}.pt"
+            with warnings.catch_warnings():  # torch deprecates TorchScript; it is the format asked for
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.trace(module, example).save(str(path))
+        else:
+            from safetensors.torch import save_file
+
+            path = out / f"{name}.safetensors"
+            weights = {k: v.contiguous() for k, v in module.state_dict().items()}
+            save_file(weights, str(path), metadata={k: str(v) for k, v in sizes.items()})
+        written.append(path)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+            raise UserError("no checkpoint given; run python -m vae_lightning.export ckpt_path=<file.ckpt or run dir>")
+        if cfg.format not in FORMATS:
+            raise UserError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+        ckpt = find_checkpoint(cfg.ckpt_path, "best")
+        paths = export(module_from_checkpoint(ckpt).model, Path(cfg.paths.output_dir), cfg.format)
+    except ModuleNotFoundError as err:  # the exporters are an optional extra
+        print(f"error: format={cfg.format} needs {err.name}: pip install 'vae_lightning[export]'", file=sys.stderr)
+        raise SystemExit(1) from None
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"Exported {ckpt} as {cfg.format}:", *(f"  {p}" for p in paths), sep="\n")
+
+
+if __name__ == "__main__":
+    main()
