@@ -54,7 +54,7 @@ def test_a_multirun_whose_jobs_use_ddp(mnist_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert output.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one child per job
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    assert sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir()) == ["0", "1"]
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["status"] for r in rows] == ["completed", "completed"]
@@ -107,7 +107,7 @@ def test_an_optuna_search_whose_trials_use_ddp(mnist_dir, tmp_path):
         f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]  # no nested searches
+    assert sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir()) == ["0", "1"]  # no nested searches
     with (sweep / "summary.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["completed", "completed"]
     assert "best_value" in (sweep / "optimization_results.yaml").read_text()

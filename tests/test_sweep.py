@@ -9,8 +9,8 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from vae_lightning.sweep import summarise
 
 
-def hparams_plugin_present(run_dir) -> bool:
-    for events in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+def hparams_plugin_present(tensorboard_dir) -> bool:
+    for events in tensorboard_dir.glob("events.out.tfevents.*"):
         for event in EventFileLoader(str(events)).Load():
             if any(v.metadata.plugin_data.plugin_name == "hparams" for v in event.summary.value):
                 return True
@@ -26,12 +26,11 @@ def test_multirun_over_latent_size_and_lr(mnist_dir, tmp_path):
         f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert jobs == ["0", "1", "2", "3"]
     for job in jobs:
         for name in ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints/last.ckpt"):
             assert (sweep / job / name).exists(), (job, name)
-        assert hparams_plugin_present(sweep / job), job
     assert (sweep / "0" / "manifold.png").exists() and not (sweep / "2" / "manifold.png").exists()
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -43,6 +42,10 @@ def test_multirun_over_latent_size_and_lr(mnist_dir, tmp_path):
         assert row["status"] == "completed" and row["epochs"] == "1"
         assert float(row["val/loss"]) == pytest.approx(float(row["val/bce"]) + float(row["val/kl"]), abs=0.01)
         assert float(row["test/iw_nll"]) > 0 and float(row["wall_seconds"]) > 0
+    # tensorboard --logdir <sweep> names each job's run by what it varies, not by its number
+    runs = sorted(p.name for p in sweep.iterdir() if list(p.glob("events.out.tfevents.*")))
+    assert runs == sorted(r["overrides"].replace(" ", ",") for r in rows)
+    assert all(hparams_plugin_present(sweep / run) for run in runs)
     summary_md = (sweep / "summary.md").read_text()
     assert "| job | overrides | status |" in summary_md and "trainer.max_epochs=1" in summary_md
 

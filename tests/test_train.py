@@ -2,12 +2,14 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
 from helpers import TRAINED_EPOCHS as EPOCHS
 from helpers import load_checkpoint, read_scalars
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 STEPS_PER_EPOCH = 469  # ceil(60000 / 128): the reference notebook keeps the last partial batch
 
@@ -91,3 +93,22 @@ def test_one_set_of_test_numbers_in_metrics_json_tensorboard_and_the_report(run)
         assert metrics[key] == logged.value, key  # TensorBoard keeps float32, as the test pass computed it
         assert f"{key:<17} {metrics[key]:9.3f}" in result.stdout, key
     assert metrics["checkpoint"] == str(sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))[0])
+
+
+@pytest.mark.slow
+def test_tensorboard_has_the_samples_of_every_epoch_and_the_projector(run):
+    run_dir, _ = run
+    images = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            images.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+    assert images["samples"] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]  # the slider: one per epoch
+    config = (run_dir / "tensorboard" / "projector_config.pbtxt").read_text()
+    folder = run_dir / "tensorboard" / re.search(r'tensor_path: "(.*)/tensors.tsv"', config).group(1)
+    assert "metadata_path" in config and "single_image_dim: 28" in config
+    labels = (folder / "metadata.tsv").read_text().split()
+    assert len(labels) == 10000 and set(labels) == {str(d) for d in range(10)}
+    assert len((folder / "tensors.tsv").read_text().splitlines()) == 10000
+    assert Image.open(folder / "sprite.png").size == (28 * 100, 28 * 100)

@@ -2,6 +2,8 @@
 
 import warnings
 
+import vae_lightning.launch  # noqa: F401  (registers the ${tensorboard:...} config resolver)
+
 # Lightning builds torch's LeafSpec, which torch deprecates: a warning on every run that
 # no user can act on (Lightning's to fix)
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -164,9 +164,10 @@ def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:
 
 
 class SampleGrid(L.Callback):
-    """Decodes ``n`` draws of z ~ N(0, I) from a fixed seed when training ends; writes one
-    row of digits to ``samples.png`` (each pixel drawn as ``scale`` x ``scale``, so the
-    28 x 28 digits are visible at a glance) and to TensorBoard (at 1:1)."""
+    """Decodes ``n`` draws of z ~ N(0, I) from a fixed seed: after every epoch to TensorBoard (at
+    1:1; its image slider then shows the digits forming), and when training ends as one row of
+    digits in ``samples.png`` (each pixel drawn as ``scale`` x ``scale``, so the 28 x 28 digits are
+    visible at a glance)."""
 
     def __init__(
         self,
@@ -180,14 +181,17 @@ class SampleGrid(L.Callback):
         self.path = Path(output_dir) / filename
         self.n, self.nrow, self.seed, self.scale = n, nrow, seed, scale
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and _tensorboards(trainer):
+            grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)  # its own generator
+            for tb in _tensorboards(trainer):
+                tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)
-        with replaced_atomically(self.path) as partial:
-            save_image(upscale(grid, self.scale), partial, format="png")
-        for tb in _tensorboards(trainer):
-            tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+        if trainer.is_global_zero:
+            grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)
+            with replaced_atomically(self.path) as partial:
+                save_image(upscale(grid, self.scale), partial, format="png")
 
 
 class StopOnSigterm(L.Callback):

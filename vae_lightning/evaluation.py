@@ -4,6 +4,7 @@ bound, active units and the figures people look at. The test ELBO itself is the 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -102,6 +103,12 @@ class Evaluation(L.Callback):
                 for name, grid in images.items():
                     logger.experiment.add_image(f"eval/{name}", grid, trainer.global_step)
                 logger.experiment.add_figure("eval/latent_scatter", scatter, trainer.global_step)
+                # the projector: every test image's E[z|x], with its label and its picture
+                side = math.isqrt(model.input_dim)
+                logger.experiment.add_embedding(
+                    mu.float().cpu(), metadata=labels.tolist(), label_img=test_x.float().cpu().view(-1, 1, side, side),
+                    global_step=trainer.global_step, tag="test_mean_z",
+                )  # fmt: skip
 
 
 def _first_of_each_class(labels: Tensor, occurrence: int) -> list[int]:

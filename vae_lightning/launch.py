@@ -14,6 +14,20 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 
+def tensorboard_location(part: str, *, _root_: DictConfig) -> str:
+    """``${tensorboard:save_dir}`` and ``${tensorboard:name}`` in ``conf/logger/tensorboard.yaml``:
+    ``<run dir>/tensorboard`` for a run, ``<sweep dir>/<what this job varies>`` for a sweep job, so
+    that ``tensorboard --logdir <sweep dir>`` names each job's curves by its settings."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job = HydraConfig.get()
+        return job.sweep.dir if part == "save_dir" else job.job.override_dirname or f"job_{job.job.num}"
+    return _root_.paths.output_dir if part == "save_dir" else "tensorboard"
+
+
+if not OmegaConf.has_resolver("tensorboard"):
+    OmegaConf.register_new_resolver("tensorboard", tensorboard_location)
+
+
 def route_lightning_logs() -> None:
     """Lightning, imported before Hydra set up logging, gave its loggers their own stderr
     handler; hand their messages to Hydra's handlers instead, so train.log keeps them too."""

@@ -4,6 +4,7 @@ in the sweep dir, one row per job (its overrides and final metrics)."""
 from __future__ import annotations
 
 import csv
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,22 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+SWEEPING = re.compile(r"^(choice|range|interval|glob|shuffle|sort)\(|,")
+
+
 class SweepSummary(Callback):
-    """Registered in ``conf/hydra/default.yaml``; runs in the launching process."""
+    """Registered in ``conf/hydra/default.yaml``; runs in the launching process. Before the jobs
+    start, it names each job by the overrides the sweep varies (Hydra's ``override_dirname``
+    without the shared ones): TensorBoard shows the jobs by those names."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in config.hydra.overrides.task]
+        values = [o.split("=", 1)[-1] for o in config.hydra.overrides.task]
+        varied = {key for key, value in zip(keys, values, strict=True) if SWEEPING.search(value)}
+        varied |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})  # an Optuna search's
+        shared = sorted(set(keys) - varied)
+        # the jobs' configs are composed again from the hydra overrides: add it there
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(shared)}]")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
