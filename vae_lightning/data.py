@@ -134,6 +134,8 @@ def tensor_loader(images: Tensor, batch_size: int, shuffle: bool, seed: int, ran
 class MNISTDataModule(L.LightningDataModule):
     """Train on the 60k training images; validate and test on the official 10k test set."""
 
+    class_names = [str(digit) for digit in range(10)]  # what the figures call each label
+
     def __init__(
         self,
         data_dir: str | None = None,

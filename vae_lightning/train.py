@@ -23,6 +23,7 @@ from vae_lightning.callbacks import sigterm_requested
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
+from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, hand_ddp_this_job_alone, processes, route_lightning_logs
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
@@ -100,6 +101,7 @@ def train(cfg: DictConfig) -> dict:
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         record(cfg, metrics, trainer.loggers)
+        write_report(out, module.model.eval(), datamodule)  # the tested weights, in a page of its own
     return metrics
 
 

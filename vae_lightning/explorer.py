@@ -1,0 +1,104 @@
+"""``report.html``: one self-contained page of a run, its settings, metrics and figures, with a
+latent explorer whose decoder (weights embedded) runs in the page. No network, no external file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vae_lightning.model import VAE
+from vae_lightning.names import FINAL_METRICS
+from vae_lightning.outputs import replaced_atomically
+
+FIGURES = ("loss_curves", "samples", "reconstructions", "interpolations", "latent_scatter", "manifold")
+GALLERY_PER_CLASS = 10
+MAX_SLIDERS = 32  # beyond this many latent dimensions, sliders follow the leading principal directions
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _float32(t: Tensor) -> str:
+    return _b64(t.detach().float().cpu().numpy().astype("<f4"))
+
+
+def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str]) -> dict[str, Any]:
+    """What the page's decoder and gallery need: the decoder's weights as little-endian float32,
+    some test images (bytes) with their E[z|x], and the sliders' directions."""
+    picks = [int(i) for c in range(len(class_names)) for i in (test_y == c).nonzero()[:GALLERY_PER_CLASS, 0]]
+    with torch.no_grad():
+        weight = next(model.parameters())
+        mu_all = torch.cat([model.encode(xb.to(weight))[0].float().cpu() for xb in test_x.split(1000)])
+    d = model.latent_dim
+    if d <= MAX_SLIDERS:
+        origin, basis = torch.zeros(d), list(torch.eye(d))
+        names, caption = [f"z[{i}]" for i in range(d)], "one slider per latent dimension"
+    else:  # the directions along which the test set's E[z|x] varies most, in standard deviations
+        mean = mu_all.mean(0)
+        _, s, v = torch.linalg.svd(mu_all - mean, full_matrices=False)
+        std = s[:MAX_SLIDERS] / (len(mu_all) - 1) ** 0.5
+        origin, basis = mean, list(v[:MAX_SLIDERS] * std.unsqueeze(1))
+        names = [f"PC {k + 1}" for k in range(MAX_SLIDERS)]
+        caption = f"the {MAX_SLIDERS} leading principal directions of the test set's E[z|x], in standard deviations"
+    images = (test_x[picks].float().cpu() * 255).round().to(torch.uint8).numpy()
+    return {
+        "input_dim": model.input_dim, "hidden_dim": model.hidden_dim, "latent_dim": d,
+        "fc3_weight": _float32(model.fc3.weight), "fc3_bias": _float32(model.fc3.bias),
+        "fc4_weight": _float32(model.fc4.weight), "fc4_bias": _float32(model.fc4.bias),
+        "origin": _float32(origin), "basis": [_float32(b) for b in basis], "basis_names": names,
+        "basis_caption": caption, "test_images": _b64(images), "test_means": _float32(mu_all[picks]),
+        "test_labels": test_y[picks].tolist(), "class_names": class_names,
+    }  # fmt: skip
+
+
+def _png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def report_html(run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str]) -> str:
+    """The page for the run in ``run_dir`` (its metrics.json, figures and .hydra/config.yaml,
+    whichever exist) and the weights of ``model``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    rows = [
+        f"<tr><td>{html.escape(key)}</td><td class='num'>{metrics[key]:.3f}</td></tr>"
+        for key in FINAL_METRICS
+        if isinstance(metrics.get(key), int | float)
+    ]
+    figures = [
+        f"<figure><img class='figure' alt='{name}' src='{_png(run_dir / f'{name}.png')}'>"
+        f"<figcaption class='caption'>{name}.png</figcaption></figure>"
+        for name in FIGURES
+        if (run_dir / f"{name}.png").is_file()
+    ]
+    config = run_dir / ".hydra" / "config.yaml"
+    data = json.dumps(explorer_data(model, test_x, test_y, class_names)).replace("</", "<\\/")
+    subtitle = f"{run_dir} · checkpoint {metrics.get('checkpoint', '?')} · {metrics.get('epochs', '?')} epochs"
+    page = resources.files("vae_lightning").joinpath("explorer.html").read_text()
+    parts = {
+        "__TITLE__": html.escape(run_dir.name),
+        "__SUBTITLE__": html.escape(subtitle),
+        "__METRICS__": "<table>" + "".join(rows) + "</table>" if rows else "<p>no metrics.json</p>",
+        "__FIGURES__": "".join(figures) or "<p>no figures</p>",
+        "__CONFIG__": html.escape(config.read_text()) if config.is_file() else "(no .hydra/config.yaml)",
+        "__DATA__": data,
+    }
+    return re.sub("__[A-Z]+__", lambda m: parts.get(m.group(0), m.group(0)), page)  # one pass: no part is re-read
+
+
+def write_report(run_dir: Path, model: VAE, datamodule: Any) -> Path:
+    """Write ``run_dir/report.html`` whole; ``datamodule`` holds the test set and its class names."""
+    path = run_dir / "report.html"
+    page = report_html(run_dir, model, datamodule.test_x, datamodule.test_y, datamodule.class_names)
+    with replaced_atomically(path) as partial:
+        partial.write_text(page)
+    return path

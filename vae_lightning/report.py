@@ -1,0 +1,38 @@
+"""``python -m vae_lightning.report ckpt_path=<run dir or file>``: (re)build a run's ``report.html``,
+which every training run also writes when it ends."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.checkpoints import find_checkpoint
+from vae_lightning.errors import UserError
+from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.explorer import write_report
+from vae_lightning.train import build
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    try:
+        if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+            raise UserError("no checkpoint given; run python -m vae_lightning.report ckpt_path=<run dir or file.ckpt>")
+        ckpt = find_checkpoint(cfg.ckpt_path, "best")
+        # a run's report goes in its dir; a loose checkpoint's in this command's own
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(cfg.paths.output_dir)
+        datamodule = build(cfg.data, "data")
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        path = write_report(run_dir, module_from_checkpoint(ckpt).model.eval(), datamodule)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"Report of {ckpt}: {path}")
+
+
+if __name__ == "__main__":
+    main()
