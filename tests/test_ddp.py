@@ -6,7 +6,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import REPO, brief_run, compose_train, epoch_rows, run_cli
+from helpers import REPO, brief_run, compose_train, epoch_rows, load_checkpoint, run_cli
 
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.launch import processes
@@ -111,3 +111,19 @@ def test_an_optuna_search_whose_trials_use_ddp(mnist_dir, tmp_path):
     with (sweep / "summary.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["completed", "completed"]
     assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_ddp_sweep_continues_job_by_job(mnist_dir, tmp_path):
+    """ckpt_path=last in a sweep: each job's children continue from that job's own last.ckpt."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "trainer=ddp", "trainer.devices=2", "model.latent_dim=2,4", "+trainer.limit_train_batches=20"]
+    args += ["eval.k=0", "test=false", f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}"]
+    first = run_cli("vae_lightning.train", *args, "trainer.max_epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli("vae_lightning.train", *args, "trainer.max_epochs=2", "ckpt_path=last")
+    assert again.returncode == 0, again.stderr[-3000:]
+    for job in ("0", "1"):
+        assert f"Continuing the run in {sweep / job} from" in again.stdout, job
+        assert [row["epoch"] for row in epoch_rows(sweep / job)] == ["1", "2"], job
+        assert load_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["epoch"] == 1
