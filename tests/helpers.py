@@ -110,10 +110,13 @@ def free_port() -> int:
 
 def node_env(kind: str, rank: int, port: int) -> dict[str, str]:
     """What a launcher sets for process ``rank`` of a 2-node job with one process per node:
-    ``env`` is Lightning's own multi-node variables, ``slurm`` those of a 2-task Slurm job."""
+    ``env`` is Lightning's own multi-node variables, ``slurm`` those of a 2-task Slurm job. Each
+    "node" gets one of this machine's cores, as a real node has its own."""
+    threads = {"OMP_NUM_THREADS": "1"}
     if kind == "env":
-        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}
+        return {**threads, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank)}
     return {
+        **threads,
         "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "2", "SLURM_NODEID": str(rank),
         "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "vae",
         "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port),
