@@ -1,4 +1,4 @@
-"""Seconds per training epoch on real MNIST, three candidates measured in one run:
+"""Seconds per training epoch on real MNIST, and of the evaluation's bound, measured in one run:
 
 (a) the reference notebook's loop as written there (torchvision DataLoader + ToTensor + flatten, Adam);
 (b) the project's training path: the objects ``python -m vae_lightning.train`` builds from the
@@ -7,7 +7,9 @@
 (d) a bare PyTorch loop over the same preloaded tensor with fused Adam (no Lightning): what
     Lightning, logging and validation add on top of the compute;
 (c) the GEMM floor: the matrix-multiply FLOPs of one epoch at the FLOP/s this machine sustains
-    at the model's shapes.
+    at the model's shapes;
+(e) the importance-weighted bound (k = 5000) over 1,000 test images, as the evaluation runs it;
+(f) its GEMM floor: its matrix-multiply FLOPs at the rate measured at its own shapes.
 
 Candidates are interleaved round by round and medians are reported, since timings on a shared
 machine drift. Usage: ``make bench`` or ``python benchmarks/epoch_speed.py --rounds 3 --epochs 2``.
@@ -33,7 +35,7 @@ from torchvision import datasets, transforms
 
 from vae_lightning.data import default_data_dir, ensure_mnist, load_split
 from vae_lightning.errors import DataError
-from vae_lightning.model import VAE, elbo_terms
+from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood
 from vae_lightning.train import build_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,11 +184,47 @@ def gemm_floor(device: torch.device, batch: int = 128, repeats: int = 30) -> dic
     return {"gflop_per_s": rate / 1e9, "gflop_per_epoch": epoch_flops / 1e9, "s_per_epoch": epoch_flops / rate}
 
 
+def bound_seconds(data_dir: Path, device: torch.device, images: int, k: int) -> float:
+    """(e) Seconds of the importance-weighted bound, as the evaluation computes it (its batch size
+    and chunking), over the first ``images`` test images with ``k`` samples each."""
+    test_x = load_split(data_dir, train=False)[0][:images].to(device)
+    vae = VAE().to(device).eval()  # the cost does not depend on the weights
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, chunk_rows = 100, 32768  # conf/eval/default.yaml
+    sync(device)
+    start = time.perf_counter()
+    for xb in test_x.split(batch):
+        iw_log_likelihood(vae, xb, k, chunk_rows, gen)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def bound_floor(device: torch.device, images: int, k: int, repeats: int = 5) -> dict[str, float]:
+    """(f) The bound's matrix-multiply FLOPs (fc3 and fc4 on every sample, its only GEMMs of any
+    size) at the rate this machine sustains at the bound's own shapes."""
+    batch, chunk_rows, latent, hidden, pixels = 100, 32768, 20, 400, 784
+    rows = (chunk_rows // batch) * batch
+    z, w3 = torch.randn(rows, latent, device=device), torch.randn(hidden, latent, device=device)
+    h, w4 = torch.randn(rows, hidden, device=device), torch.randn(pixels, hidden, device=device)
+    torch.mm(z, w3.t()), torch.mm(h, w4.t())
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(z, w3.t())
+        torch.mm(h, w4.t())
+    sync(device)
+    rate = 2 * rows * hidden * (latent + pixels) * repeats / (time.perf_counter() - start)
+    flops = 2 * images * k * hidden * (latent + pixels)
+    return {"gflop_per_s": rate / 1e9, "gflop": flops / 1e9, "seconds": flops / rate}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all candidates")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per candidate per round")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "epoch_speed.json")
+    parser.add_argument("--eval-images", type=int, default=1000, help="test images for (e) and (f)")
+    parser.add_argument("--eval-k", type=int, default=5000, help="importance samples per image for (e) and (f)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("overrides", nargs="*", help="config overrides for the project's path (b)")
     args = parser.parse_args()
@@ -199,7 +237,7 @@ def main() -> None:
         ensure_mnist(data_dir, download=True)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
-    reference, project, val, bare, floor = [], [], [], [], []
+    reference, project, val, bare, floor, bound, bound_floors = [], [], [], [], [], [], []
     for r in range(args.rounds):
         reference += reference_loop_epochs(data_dir, args.epochs, device)
         epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)
@@ -207,15 +245,19 @@ def main() -> None:
         val += val_times
         bare += bare_loop_epochs(data_dir, args.epochs, device)
         floor.append(gemm_floor(device))
+        bound.append(bound_seconds(data_dir, device, args.eval_images, args.eval_k))
+        bound_floors.append(bound_floor(device, args.eval_images, args.eval_k))
         print(
             f"round {r + 1}/{args.rounds}: reference notebook {reference[-1]:.2f} s, "
-            f"project {project[-1]:.2f} s, bare {bare[-1]:.2f} s",
+            f"project {project[-1]:.2f} s, bare {bare[-1]:.2f} s, bound {bound[-1]:.1f} s",
             flush=True,
         )
 
     a, b, d = statistics.median(reference), statistics.median(project), statistics.median(bare)
     c = statistics.median(f["s_per_epoch"] for f in floor)
     rate = statistics.median(f["gflop_per_s"] for f in floor)
+    e, f = statistics.median(bound), statistics.median(g["seconds"] for g in bound_floors)
+    bound_rate = statistics.median(g["gflop_per_s"] for g in bound_floors)
     result = {
         "machine": machine(device),
         "rounds": args.rounds,
@@ -231,6 +273,11 @@ def main() -> None:
         "reference_over_project": a / b,
         "project_over_floor": b / c,
         "project_over_bare": b / d,
+        "bound": {"images": args.eval_images, "k": args.eval_k, "gflop": bound_floors[0]["gflop"]},
+        "bound_s": {"median": e, "min": min(bound), "max": max(bound)},
+        "bound_gemm_floor_s": f,
+        "bound_gemm_gflop_per_s": bound_rate,
+        "bound_over_floor": e / f,
     }
     print(f"\nmachine: {result['machine']}\n")
     print("| candidate | s/epoch (median) | min-max |")
@@ -240,7 +287,11 @@ def main() -> None:
     print(f"| of which validation on the 10k test images | {statistics.median(val):.2f} | |")
     print(f"| (d) bare loop, preloaded tensor, fused Adam | {d:.2f} | {min(bare):.2f}-{max(bare):.2f} |")
     print(f"| (c) GEMM floor ({result['gflop_per_epoch']:.0f} GFLOP at {rate:.0f} GFLOP/s) | {c:.2f} | |")
-    print(f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x   (b)/(d) = {b / d:.2f}x")
+    what = f"(e) bound, k = {args.eval_k}, {args.eval_images} test images"
+    print(f"| {what} (seconds) | {e:.1f} | {min(bound):.1f}-{max(bound):.1f} |")
+    gflop = bound_floors[0]["gflop"]
+    print(f"| (f) its GEMM floor ({gflop:.0f} GFLOP at {bound_rate:.0f} GFLOP/s) | {f:.1f} | |")
+    print(f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x   (b)/(d) = {b / d:.2f}x   (e)/(f) = {e / f:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")
