@@ -92,3 +92,16 @@ def test_runs_started_in_the_same_second_get_dirs_of_their_own(tmp_path):
         CheckOutputDir().on_run_start(cfg)
         dirs.append(cfg.hydra.run.dir)
     assert dirs == [f"{tmp_path}/runs/same_second", f"{tmp_path}/runs/same_second_2", f"{tmp_path}/runs/same_second_3"]
+
+
+def test_sweeps_started_in_the_same_second_get_dirs_of_their_own_which_their_jobs_use(tmp_path):
+    seen = []
+    for _ in range(2):
+        cfg = hydra_config(f"paths.log_dir={tmp_path}", "hydra.sweep.dir=" + "${paths.log_dir}/multiruns/same_second")
+        cfg.hydra.overrides.hydra = []  # as if the dir came from the default pattern
+        CheckOutputDir().on_multirun_start(cfg)
+        # Hydra composes each job's config again from the Hydra overrides: the job must see the claimed dir
+        job = hydra_config(*cfg.hydra.overrides.hydra)
+        seen.append((cfg.hydra.sweep.dir, job.hydra.sweep.dir))
+    first, second = f"{tmp_path}/multiruns/same_second", f"{tmp_path}/multiruns/same_second_2"
+    assert seen == [(first, first), (second, second)]

@@ -18,6 +18,7 @@ def _positive_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
+_ABSENT = object()
 # (key, check, what it must be); a key the config lacks is not checked
 VALUE_CHECKS = (
     ("model.latent_dim", _positive_int, "an integer >= 1"),
@@ -33,10 +34,8 @@ VALUE_CHECKS = (
 def validate_config(cfg: DictConfig) -> None:
     """Refuse impossible values before any data is loaded or model built."""
     for key, ok, expected in VALUE_CHECKS:
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
-            continue
-        value = OmegaConf.select(cfg, key)
-        if not ok(value):
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not ok(value):
             raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
 
 

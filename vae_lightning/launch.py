@@ -75,7 +75,6 @@ def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
     hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # read by Lightning for the children
     # the previous job's process group and rendezvous settings would make Lightning think its
     # processes already exist: start this job's group afresh
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
         os.environ.pop(key, None)

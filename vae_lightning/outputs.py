@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from vae_lightning.errors import UserError
 
@@ -126,8 +126,19 @@ def claim_new_dir(directory: Path) -> Path:
             candidate = directory.with_name(f"{directory.name}_{n}")
 
 
-def _named(config: DictConfig, key: str) -> bool:
+def named_by_user(config: DictConfig, key: str) -> bool:
+    """Whether the command line set the Hydra setting ``key`` (``hydra.run.dir=...``)."""
     return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+
+
+def set_for_every_job(config: DictConfig, key: str, value: str | list[str]) -> None:
+    """Set the Hydra setting ``key`` in the launching process's config and for every job of a
+    multirun: Hydra composes each job's config again from the Hydra overrides, not from this one."""
+    with read_write(config.hydra):
+        OmegaConf.update(config, key, value)
+    # a string quoted, as a path may hold = or ,
+    override = f"[{','.join(value)}]" if isinstance(value, list) else f"'{value}'"
+    config.hydra.overrides.hydra.append(f"{key}={override}")
 
 
 class CheckOutputDir(Callback):
@@ -138,17 +149,17 @@ class CheckOutputDir(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(Path(config.hydra.run.dir).parent)
-        if not _named(config, "hydra.run.dir") and config.hydra.run.dir not in CHOSEN_RUN_DIRS:
+        if not named_by_user(config, "hydra.run.dir") and config.hydra.run.dir not in CHOSEN_RUN_DIRS:
             with read_write(config.hydra):
                 config.hydra.run.dir = str(claim_new_dir(Path(config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if _named(config, "hydra.sweep.dir"):  # a sweep to continue, or a dir the user chose
+        if named_by_user(config, "hydra.sweep.dir"):  # a sweep to continue, or a dir the user chose
             self._check(Path(config.hydra.sweep.dir))
             return
         self._check(Path(config.hydra.sweep.dir).parent)
-        with read_write(config.hydra):
-            config.hydra.sweep.dir = str(claim_new_dir(Path(config.hydra.sweep.dir)))
+        claimed = claim_new_dir(Path(config.hydra.sweep.dir))
+        set_for_every_job(config, "hydra.sweep.dir", str(claimed))
 
     @staticmethod
     def _check(directory: Path) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.outputs import CHOSEN_RUN_DIRS, read_json
+from vae_lightning.outputs import CHOSEN_RUN_DIRS, named_by_user, read_json
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state)
@@ -93,10 +93,6 @@ def changed_data_settings(cfg: DictConfig, run_dir: Path) -> str:
     return f", with {', '.join(changed)}" if changed else ""
 
 
-def _overridden(config: DictConfig, key: str) -> bool:
-    return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
-
-
 class ContinueRun(Callback):
     """Registered in ``conf/hydra/default.yaml``; runs in the launching process before any run dir
     is made. A continued run writes into the run it continues (its checkpoints, tables and
@@ -107,7 +103,7 @@ class ContinueRun(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         ckpt_path = config.get("ckpt_path")
         try:
-            if str(ckpt_path) == "last" and _overridden(config, "hydra.run.dir"):  # the run named
+            if str(ckpt_path) == "last" and named_by_user(config, "hydra.run.dir"):  # the run named
                 run_dir = Path(config.hydra.run.dir)
                 if not (run_dir / "checkpoints" / "last.ckpt").is_file():
                     raise UserError(f"ckpt_path=last but {run_dir} has no checkpoints/last.ckpt; name another run")
@@ -125,7 +121,7 @@ class ContinueRun(Callback):
                 config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.get("ckpt_path")) != "last" or _overridden(config, "hydra.sweep.dir"):
+        if str(config.get("ckpt_path")) != "last" or named_by_user(config, "hydra.sweep.dir"):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         earlier = sorted(d for d in sweep_dir.parent.glob("*") if d.is_dir() and d != sweep_dir)

@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.names import SUMMARY_COLUMNS
-from vae_lightning.outputs import read_json
+from vae_lightning.outputs import read_json, set_for_every_job
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -65,8 +65,7 @@ class SweepSummary(Callback):
         varied = {key for key, value in zip(keys, values, strict=True) if SWEEPING.search(value)}
         varied |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})  # an Optuna search's
         shared = sorted(set(keys) - varied)
-        # the jobs' configs are composed again from the hydra overrides: add it there
-        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{','.join(shared)}]")
+        set_for_every_job(config, "hydra.job.config.override_dirname.exclude_keys", shared)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
