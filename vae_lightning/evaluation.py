@@ -65,13 +65,13 @@ class Evaluation(L.Callback):
         """The mean importance-weighted bound's negative and every test image's E[z|x]."""
         gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
         start, next_report = time.perf_counter(), 0.1
-        bounds, mus = [], []
+        bounds, mus, done = [], [], 0
         for xb in test_x.split(self.batch_size):
             if sigterm_requested(trainer):  # checked between test batches, not in this long hook
                 raise SIGTERMException
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
             mus.append(model.encode(xb.to(model.fc1.weight.dtype))[0].float())
-            done = sum(len(b) for b in bounds)
+            done += len(xb)
             if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue
                     torch.cuda.synchronize(test_x.device)
