@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_lightning.data import default_data_dir, ensure_mnist, load_split
+from vae_lightning.data import default_data_dir, ensure_dataset, load_split
 from vae_lightning.errors import DataError
 from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood
 from vae_lightning.train import build_run
@@ -234,7 +234,7 @@ def main() -> None:
 
     data_dir = default_data_dir()
     try:
-        ensure_mnist(data_dir, download=True)
+        ensure_dataset(data_dir, download=True)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     reference, project, val, bare, floor, bound, bound_floors = [], [], [], [], [], [], []

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import TRAINED_EPOCHS, run_cli
 
-from vae_lightning.data import default_data_dir, ensure_mnist
+from vae_lightning.data import default_data_dir, ensure_dataset
 from vae_lightning.errors import DataError
 
 
@@ -17,7 +17,7 @@ def mnist_dir() -> Path:
     Skips where MNIST cannot be had, except under CI, where that is a failure."""
     data_dir = default_data_dir()
     try:
-        ensure_mnist(data_dir, download=True, verify_checksums=False)
+        ensure_dataset(data_dir, download=True, verify_checksums=False)
     except DataError as err:
         if os.environ.get("CI"):
             raise

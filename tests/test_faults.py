@@ -32,7 +32,7 @@ from helpers import (
 )
 
 from vae_lightning.checkpoints import AtomicCheckpointIO
-from vae_lightning.data import MNIST_FILES, ensure_mnist
+from vae_lightning.data import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError, DivergenceError
 from vae_lightning.train import build_run
 
@@ -485,12 +485,12 @@ def test_gzipped_mnist_is_used_offline(tmp_path, mnist_dir):
     for name in MNIST_FILES:
         with (mnist_dir / "MNIST" / "raw" / name).open("rb") as source, gzip.open(raw / f"{name}.gz", "wb", 1) as out:
             shutil.copyfileobj(source, out)
-    assert ensure_mnist(tmp_path, download=False) == raw
+    assert ensure_dataset(tmp_path, download=False) == raw
     assert all((raw / name).stat().st_size == size for name, (size, _) in MNIST_FILES.items())
     (raw / "t10k-labels-idx1-ubyte").unlink()
     (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
     with pytest.raises(DataError, match=r"MNIST archive .*t10k-labels-idx1-ubyte.gz cannot be decompressed"):
-        ensure_mnist(tmp_path, download=False)
+        ensure_dataset(tmp_path, download=False)
 
 
 @pytest.mark.slow

@@ -50,14 +50,14 @@ class TrainingHistory(L.Callback):
         self.flush_every = flush_every
         self.epochs: list[dict[str, float]] = []
         self.steps = torch.empty(0, dtype=torch.long)  # logger step of each value (0-based)
-        self.step_values = torch.empty(0, 2)  # (steps, [bce, kl]) per image, on the CPU
+        self.step_values = torch.empty(0, 3)  # (steps, [bce, kl, loss]) per image, on the CPU
         self._pending: list[torch.Tensor] = []  # not yet flushed, still on the device
         self._pending_steps: list[int] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._pending.append(torch.stack([outputs["bce"], outputs["kl"]]))
+        self._pending.append(torch.stack([outputs["bce"], outputs["kl"], outputs["per_image_loss"]]))
         self._pending_steps.append(trainer.global_step - 1)  # as Lightning numbers on_step logs
         if len(self._pending) >= self.flush_every:
             self._flush_steps(trainer)
@@ -108,8 +108,8 @@ class TrainingHistory(L.Callback):
         self.step_values = torch.cat([self.step_values, values])
         self.steps = torch.cat([self.steps, steps])
         for logger in trainer.loggers if trainer else []:
-            for step, (bce, kl) in zip(steps.tolist(), values.tolist(), strict=True):
-                values_at_step = {"bce": bce, "kl": kl, "loss": bce + kl}
+            for step, (bce, kl, loss) in zip(steps.tolist(), values.tolist(), strict=True):
+                values_at_step = {"bce": bce, "kl": kl, "loss": loss}
                 logger.log_metrics({STEP_METRICS[term]: value for term, value in values_at_step.items()}, step)
         if trainer is None:
             return
@@ -119,10 +119,10 @@ class TrainingHistory(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bool(len(bad)), all=False):
             if not len(bad):
                 raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
-            step, (bce, kl) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
+            step, (bce, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
             raise _diverged(
                 trainer,
-                f"the per-image loss became {bce + kl:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
+                f"the per-image loss became {loss:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
                 f"at step {step + 1} of epoch {trainer.current_epoch + 1}",
             )
 
@@ -153,7 +153,10 @@ class TrainingHistory(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = list(state_dict["epochs"])
         self.steps = state_dict["steps"]
-        self.step_values = state_dict["step_values"]
+        values = state_dict["step_values"]
+        if values.shape[1] == 2:  # written before the loss had its own column: it was bce + kl
+            values = torch.cat([values, values.sum(1, keepdim=True)], 1)
+        self.step_values = values
 
 
 def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:

@@ -19,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
 from vae_lightning.checks import validate_config
+from vae_lightning.data import MNISTDataModule
 from vae_lightning.errors import UserError
 from vae_lightning.module import VAEModule
 from vae_lightning.outputs import describe_disk_error, write_json
-from vae_lightning.results import LIKELIHOOD_NOTE, report_lines
+from vae_lightning.results import likelihood_note, report_lines
 from vae_lightning.train import build
 
 
@@ -48,6 +49,20 @@ def module_from_checkpoint(ckpt: Path) -> VAEModule:
     return module
 
 
+def trained_data(ckpt: Path, data_cfg: DictConfig) -> DictConfig:
+    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
+    today's: weights are evaluated on what they were trained on. A checkpoint without one (the
+    reference notebook's, or from before protocols existed) was trained on continuous MNIST."""
+    state = load_checkpoint(ckpt)
+    protocol = state.get(MNISTDataModule.__qualname__) if "state_dict" in state else None
+    protocol = protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
+    data_cfg = data_cfg.copy()
+    for key in ("dataset", "binarize", "binarize_seed"):
+        if key in protocol:
+            data_cfg[key] = protocol[key]
+    return data_cfg
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
         raise UserError("no checkpoint given; run python -m vae_lightning.eval ckpt_path=<file.ckpt or run dir>")
@@ -56,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     ckpt = find_checkpoint(cfg.ckpt_path, "best")
     module = module_from_checkpoint(ckpt)
-    datamodule = build(cfg.data, "data")
+    datamodule = build(trained_data(ckpt, cfg.data), "data")
     datamodule.prepare_data()
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
@@ -69,9 +84,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )  # fmt: skip
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in results.items()}
-    metrics.update(k=cfg.eval.k, latent_dim=module.model.latent_dim, checkpoint=str(ckpt), note=LIKELIHOOD_NOTE)
+    metrics.update(k=cfg.eval.k, latent_dim=module.model.latent_dim, checkpoint=str(ckpt), **datamodule.protocol())
+    metrics["note"] = likelihood_note(metrics)
     write_json(out / "metrics.json", metrics)
-    print("\n".join([f"\nEvaluation of {ckpt} in {out}", *report_lines(metrics), f"  note: {LIKELIHOOD_NOTE}"]))
+    print("\n".join([f"\nEvaluation of {ckpt} in {out}", *report_lines(metrics), f"  note: {metrics['note']}"]))
     return metrics
 
 

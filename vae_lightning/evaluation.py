@@ -95,7 +95,8 @@ class Evaluation(L.Callback):
         for name, grid in images.items():
             with replaced_atomically(self.out / f"{name}.png") as partial:
                 save_image(upscale(grid, self.scale), partial, format="png")
-        scatter = latent_scatter(mu, labels)
+        class_names = trainer.datamodule.class_names
+        scatter = latent_scatter(mu, labels, class_names)
         with replaced_atomically(self.out / "latent_scatter.png") as partial:
             scatter.savefig(partial, dpi=110, format="png")
         for logger in trainer.loggers:
@@ -106,7 +107,7 @@ class Evaluation(L.Callback):
                 # the projector: every test image's E[z|x], with its label and its picture
                 side = math.isqrt(model.input_dim)
                 logger.experiment.add_embedding(
-                    mu.float().cpu(), metadata=labels.tolist(), label_img=test_x.float().cpu().view(-1, 1, side, side),
+                    mu.float().cpu(), metadata=[class_names[label] for label in labels.tolist()], label_img=test_x.float().cpu().view(-1, 1, side, side),
                     global_step=trainer.global_step, tag="test_mean_z",
                 )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""The LightningModule: the reference notebook's training step, per-image logging, Adam."""
+"""The LightningModule: the training step of each objective, per-image logging, Adam."""
 
 from __future__ import annotations
 
@@ -7,17 +7,24 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from vae_lightning.model import VAE, elbo_terms
+from vae_lightning.model import VAE, elbo_terms, iwae_terms
 from vae_lightning.names import STAGES, TERMS, metric
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 # the test pass draws its z from its own generator with this seed: the same weights get the same
 # test loss in every run and in ``vae_lightning.eval``
 TEST_NOISE_SEED = 0
+OBJECTIVES = ("elbo", "iwae")
 
 
 class VAEModule(L.LightningModule):
     """Optimises the summed BCE + KL (the reference notebook's loss) and logs it per image.
+
+    ``objective=elbo`` weighs the KL by ``beta``, ramped up linearly from 0 over the first
+    ``kl_warmup_epochs`` (Sonderby et al. 2016); ``objective=iwae`` optimises the k-sample
+    importance-weighted bound instead (Burda et al. 2015). ``loss`` is always the negative bound
+    the objective trains (the ELBO whatever beta, or the IWAE bound), and BCE and KL are logged
+    for every objective, so runs with different objectives sit side by side.
 
     ``train/bce_step`` etc. are the batch's per-image values at every step (returned by
     ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/bce`` etc.
@@ -35,8 +42,20 @@ class VAEModule(L.LightningModule):
         init: str = "default",
         init_std: float = 0.01,
         fused_adam: bool | None = None,
+        objective: str = "elbo",
+        beta: float = 1.0,
+        kl_warmup_epochs: int = 0,
+        k: int = 1,
     ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"model.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if k < 1:
+            raise ValueError(f"model.k={k}: the number of importance samples must be at least 1")
+        if beta < 0 or kl_warmup_epochs < 0:
+            raise ValueError(f"model.beta={beta} and model.kl_warmup_epochs={kl_warmup_epochs} must be >= 0")
+        if objective == "iwae" and (beta != 1 or kl_warmup_epochs):
+            raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
         self.save_hyperparameters()
         self.model = VAE(input_dim, hidden_dim, latent_dim, init, init_std)
         # NaN checks inside the metric would sync with the host every step. ("disable" also
@@ -94,10 +113,20 @@ class VAEModule(L.LightningModule):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model(x)
 
+    def kl_weight(self) -> float:
+        """The KL's weight at this optimizer step: beta, reached linearly over the warm-up epochs."""
+        beta, warmup = float(self.hparams.beta), self.hparams.kl_warmup_epochs
+        if not warmup:
+            return beta
+        return beta * min(1.0, self.global_step / (warmup * self.trainer.num_training_batches))
+
     def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
-        bce, kl = elbo_terms(self.model, x, noise)
+        if self.hparams.objective == "iwae":
+            bce, kl, neg_bound = iwae_terms(self.model, x, self.hparams.k, noise)
+        else:
+            (bce, kl), neg_bound = elbo_terms(self.model, x, noise), None
         terms = {"bce": bce.detach(), "kl": kl.detach()}
-        terms["loss"] = terms["bce"] + terms["kl"]
+        terms["loss"] = terms["bce"] + terms["kl"] if neg_bound is None else neg_bound.detach()
         for term, values in terms.items():
             metric_name = metric(stage, term)
             mean = self.means[f"{stage}_{term}"]
@@ -109,15 +138,23 @@ class VAEModule(L.LightningModule):
                 # (docs/performance.md).
                 self.log(metric_name, mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
                 self._logged_this_epoch.add((stage, term))
-        # the reference notebook's loss: summed over pixels and over the batch (not a mean)
-        return {"graph_loss": bce.sum() + kl.sum(), **{t: v.mean() for t, v in terms.items()}}
+        # summed over pixels and over the batch (not a mean), as the reference notebook's loss
+        if neg_bound is not None:
+            graph_loss = neg_bound.sum()
+        elif stage == "train" and (weight := self.kl_weight()) != 1.0:
+            graph_loss = bce.sum() + weight * kl.sum()
+        else:
+            graph_loss = bce.sum() + kl.sum()
+        return {"graph_loss": graph_loss, **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         out = self._shared_step(batch, "train")
-        # Lightning backpropagates "loss": the reference notebook's sum over the batch, not the mean. The
-        # step's per-image BCE and KL go out with it, still on the device; TrainingHistory
-        # logs them in blocks (a self.log per step costs more than the step itself on a CPU).
-        return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"]}
+        if self.hparams.kl_warmup_epochs:  # the schedule, in TensorBoard (a Python float: no sync)
+            self.log("train/kl_weight", self.kl_weight(), on_step=True, on_epoch=False)
+        # Lightning backpropagates "loss": the sum over the batch, not the mean. The step's
+        # per-image values go out with it, still on the device; TrainingHistory logs them in
+        # blocks (a self.log per step costs more than the step itself on a CPU).
+        return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"], "per_image_loss": out["loss"]}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.eval import module_from_checkpoint, trained_data
 from vae_lightning.explorer import write_report
 from vae_lightning.train import build
 
@@ -24,7 +24,7 @@ def main(cfg: DictConfig) -> None:
         ckpt = find_checkpoint(cfg.ckpt_path, "best")
         # a run's report goes in its dir; a loose checkpoint's in this command's own
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(cfg.paths.output_dir)
-        datamodule = build(cfg.data, "data")
+        datamodule = build(trained_data(ckpt, cfg.data), "data")
         datamodule.prepare_data()
         datamodule.setup("test")
         path = write_report(run_dir, module_from_checkpoint(ckpt).model.eval(), datamodule)

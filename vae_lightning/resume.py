@@ -18,7 +18,7 @@ from vae_lightning.outputs import CHOSEN_RUN_DIRS, named_by_user, read_json
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state)
-MODEL_KEYS = ("input_dim", "hidden_dim", "latent_dim", "lr")
+MODEL_KEYS = ("input_dim", "hidden_dim", "latent_dim", "lr", "objective", "beta", "kl_warmup_epochs", "k")
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule, module, trainer = build_run(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
     metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update(epochs=trainer.current_epoch, latent_dim=cfg.model.latent_dim)
+    metrics.update(epochs=trainer.current_epoch, latent_dim=cfg.model.latent_dim, **datamodule.protocol())
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics["checkpoint"] = "weights after the last epoch"
     if trainer.is_global_zero:  # the finished training is kept whatever happens next
