@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from vae_lightning.data import MNIST_FILES, MNISTDataModule, ensure_mnist, tensor_loader
+from vae_lightning.data import MNIST_FILES, MNISTDataModule, ensure_dataset, tensor_loader
 from vae_lightning.errors import DataError
 
 
@@ -93,11 +93,11 @@ def test_batches_follow_the_tensor_device():
 
 def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"MNIST not found: train-images-idx3-ubyte.*missing in .*data\.data_dir"):
-        ensure_mnist(tmp_path, download=False)
+        ensure_dataset(tmp_path, download=False)
     # a download that cannot connect ends the same way, naming the folder
     monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     with pytest.raises(DataError, match=r"could not download MNIST into .*VAE_DATA_DIR"):
-        ensure_mnist(tmp_path, download=True)
+        ensure_dataset(tmp_path, download=True)
 
 
 def _copy_of_mnist(src: Path, dst: Path) -> Path:
@@ -116,10 +116,10 @@ def test_truncated_and_corrupt_files_are_named(tmp_path, mnist_dir):
     (raw / name).unlink()
     (raw / name).write_bytes(data[:5000])
     with pytest.raises(DataError, match=rf"{name} has 5000 bytes, expected 10008.*delete it"):
-        ensure_mnist(tmp_path, download=False)
+        ensure_dataset(tmp_path, download=False)
     flipped = bytearray(data)
     flipped[-1] ^= 0xFF
     (raw / name).write_bytes(bytes(flipped))
     with pytest.raises(DataError, match=rf"{name} is corrupt \(md5 mismatch\)"):
-        ensure_mnist(tmp_path, download=False)
+        ensure_dataset(tmp_path, download=False)
     assert np.frombuffer(data[8:], np.uint8).max() == 9  # the original is untouched

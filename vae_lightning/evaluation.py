@@ -107,8 +107,9 @@ class Evaluation(L.Callback):
                 # the projector: every test image's E[z|x], with its label and its picture
                 side = math.isqrt(model.input_dim)
                 logger.experiment.add_embedding(
-                    mu.float().cpu(), metadata=[class_names[label] for label in labels.tolist()], label_img=test_x.float().cpu().view(-1, 1, side, side),
-                    global_step=trainer.global_step, tag="test_mean_z",
+                    mu.float().cpu(), metadata=[class_names[label] for label in labels.tolist()],
+                    label_img=test_x.float().cpu().view(-1, 1, side, side), global_step=trainer.global_step,
+                    tag="test_mean_z",
                 )  # fmt: skip
 
 

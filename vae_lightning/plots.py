@@ -13,7 +13,6 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
-
 DIGITS = tuple(str(digit) for digit in range(10))
 
 

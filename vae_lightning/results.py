@@ -30,6 +30,8 @@ BINARIZED_NOTE = (
 def likelihood_note(metrics: dict[str, Any]) -> str:
     """What ``test/iw_nll`` means under the run's protocol (``binarize`` in ``metrics``)."""
     return CONTINUOUS_NOTE if metrics.get("binarize", "none") == "none" else BINARIZED_NOTE
+
+
 OUTPUT_FILES = ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard")
 
 

@@ -1,10 +1,13 @@
 """A Hydra callback that summarises a multirun when it ends: ``summary.csv`` and ``summary.md``
-in the sweep dir, one row per job (its overrides and final metrics)."""
+in the sweep dir, one row per job (its overrides and final metrics); when the jobs vary ``seed``,
+also ``summary_by_setting.csv``: the jobs that differ only in their seed grouped, with the mean
+and standard deviation of each metric over them."""
 
 from __future__ import annotations
 
 import csv
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.names import SUMMARY_COLUMNS
+from vae_lightning.names import FINAL_METRICS, SUMMARY_COLUMNS
 from vae_lightning.outputs import read_json, set_for_every_job
 
 
@@ -28,7 +31,7 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
     # what every job shares goes in the header; each row shows what this job varies
     common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
-    rows = []
+    rows, finished = [], []
     for job in jobs:
         metrics = read_json(job / "metrics.json")
         status = "failed (no readable metrics.json)" if metrics is None else metrics.get("status", "completed")
@@ -39,6 +42,8 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
             value = metrics.get(key)
             row[key] = round(value, 3) if isinstance(value, float) else value
         rows.append(row)
+        if status == "completed":
+            finished.append((overrides[job], metrics))
     with (sweep_dir / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
@@ -47,10 +52,52 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     lines += ["| " + " | ".join("" if row[c] is None else str(row[c]) for c in SUMMARY_COLUMNS) + " |" for row in rows]
     shared = " ".join(o for o in next(iter(overrides.values()), []) if o in common) or "none"
     header = f"# Sweep {sweep_dir.name}\n\nOverrides shared by every job: `{shared}`\n\n"
-    (sweep_dir / "summary.md").write_text(header + "\n".join(lines) + "\n")
+    text = header + "\n".join(lines) + "\n"
+    if any(o.startswith("seed=") for o in set().union(*overrides.values()) - common):
+        text += _write_by_setting(sweep_dir, finished, common)
+    (sweep_dir / "summary.md").write_text(text)
     return rows
 
 
+def over_seeds(finished: list[tuple[list[str], dict[str, Any]]], common: set[str]) -> list[dict[str, Any]]:
+    """The finished jobs that differ only in ``seed=``, grouped: per setting n, the seeds, and each
+    metric's mean and sample standard deviation (none when n = 1)."""
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for job_overrides, metrics in finished:
+        setting = " ".join(o for o in job_overrides if o not in common and not o.startswith("seed="))
+        seed = next((o.split("=", 1)[1] for o in job_overrides if o.startswith("seed=")), "?")
+        groups.setdefault(setting or "(the shared overrides)", []).append((seed, metrics))
+    table = []
+    for setting, jobs in groups.items():
+        row: dict[str, Any] = {"setting": setting, "n": len(jobs), "seeds": " ".join(seed for seed, _ in jobs)}
+        for key in SEED_METRICS:
+            values = [m[key] for _, m in jobs if isinstance(m.get(key), int | float)]
+            row[f"{key} mean"] = statistics.fmean(values) if values else None
+            row[f"{key} std"] = statistics.stdev(values) if len(values) > 1 else None
+        table.append(row)
+    return table
+
+
+def _write_by_setting(sweep_dir: Path, finished: list, common: set[str]) -> str:
+    table = over_seeds(finished, common)
+    columns = ["setting", "n", "seeds", *(f"{key} {stat}" for key in SEED_METRICS for stat in ("mean", "std"))]
+    with (sweep_dir / "summary_by_setting.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        mean, std = row[f"{key} mean"], row[f"{key} std"]
+        return "" if mean is None else f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+
+    lines = ["| setting | n | " + " | ".join(SEED_METRICS) + " |", "|" + "---|" * (len(SEED_METRICS) + 2)]
+    lines += [f"| {r['setting']} | {r['n']} | " + " | ".join(cell(r, k) for k in SEED_METRICS) + " |" for r in table]
+    intro = "\n## Over seeds\n\nFinished jobs that differ only in their seed: mean ± standard deviation (n - 1)\n\n"
+    return intro + "\n".join(lines) + "\n"
+
+
+# what the over-seeds table aggregates
+SEED_METRICS = (*FINAL_METRICS, "wall_seconds")
 SWEEPING = re.compile(r"^(choice|range|interval|glob|shuffle|sort)\(|,")
 
 

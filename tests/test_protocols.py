@@ -1,0 +1,227 @@
+"""The field's protocols and objectives: binarized data, Fashion-MNIST, IWAE, beta and KL warm-up,
+seed aggregation, and evaluation under the checkpoint's protocol."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from helpers import brief_run, run_cli
+
+from vae_lightning.checkpoints import find_checkpoint
+from vae_lightning.data import FASHION_MNIST_FILES, MNISTDataModule, binarize, ensure_dataset
+from vae_lightning.errors import DataError
+from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood, iwae_terms, log_importance_weights
+from vae_lightning.module import VAEModule
+from vae_lightning.sweep import summarise
+
+
+def _datamodule(mnist_dir, binarize: str, seed: int = 0) -> MNISTDataModule:
+    dm = MNISTDataModule(str(mnist_dir), binarize=binarize, seed=seed, download=False)
+    dm.checked = True  # the sizes were checked by the mnist_dir fixture
+    dm.setup("fit")
+    return dm
+
+
+def _is_binary(x: torch.Tensor) -> bool:
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def test_binarize_draws_bernoulli_pixels():
+    p = torch.tensor([0.0, 1 / 255, 0.25, 0.5, 254 / 255, 1.0]).repeat(200_000, 1)
+    x = binarize(p, torch.Generator().manual_seed(0))
+    assert _is_binary(x) and x.dtype == torch.float32
+    assert x[:, 0].sum() == 0 and x[:, -1].sum() == len(x)  # p = 0 and p = 1 exactly
+    # the frequency of ones is p within 5 standard errors
+    stderr = (p[0] * (1 - p[0]) / len(x)).sqrt()
+    assert ((x.mean(0) - p[0]).abs() <= 5 * stderr + 1e-9).all(), x.mean(0)
+    assert torch.equal(
+        binarize(p[:10], torch.Generator().manual_seed(1)), binarize(p[:10], torch.Generator().manual_seed(1))
+    )
+
+
+def test_dynamic_binarization_redraws_training_batches_and_static_does_not(mnist_dir):
+    dynamic, static = _datamodule(mnist_dir, "dynamic"), _datamodule(mnist_dir, "static")
+    training = SimpleNamespace(training=True)
+    dynamic.trainer = static.trainer = training
+    batch = dynamic.train_x[:128]
+    first, second = dynamic.on_after_batch_transfer(batch, 0), dynamic.on_after_batch_transfer(batch, 0)
+    assert _is_binary(first) and _is_binary(second) and not torch.equal(first, second)
+    # a pixel is 1 as often as it is bright: the images stay the digits
+    assert abs(first.mean().item() - batch.mean().item()) < 0.01
+    # static: the training set is one fixed draw, the same in a second run, used as it is
+    assert _is_binary(static.train_x) and torch.equal(static.train_x, _datamodule(mnist_dir, "static", seed=5).train_x)
+    assert torch.equal(static.on_after_batch_transfer(static.train_x[:128], 0), static.train_x[:128])
+    assert abs(static.train_x.mean().item() - dynamic.train_x.mean().item()) < 0.001
+    # outside training (validation, test) nothing is redrawn
+    dynamic.trainer = SimpleNamespace(training=False)
+    assert torch.equal(dynamic.on_after_batch_transfer(dynamic.test_x[:10], 0), dynamic.test_x[:10])
+
+
+def test_the_binarized_test_set_is_one_fixed_draw_for_every_run_and_protocol(mnist_dir):
+    runs = [_datamodule(mnist_dir, "dynamic", seed=0), _datamodule(mnist_dir, "dynamic", seed=1)]
+    runs.append(_datamodule(mnist_dir, "static", seed=2))
+    assert _is_binary(runs[0].test_x)
+    assert all(torch.equal(runs[0].test_x, dm.test_x) for dm in runs[1:])
+    continuous = _datamodule(mnist_dir, "none")
+    assert not _is_binary(continuous.test_x) and torch.equal(continuous.train_x, runs[0].train_x)
+
+
+def _trained_vae(run_dir) -> VAE:
+    return module_from_checkpoint(find_checkpoint(run_dir, "best")).model.eval()
+
+
+def test_iwae_with_one_sample_trains_exactly_as_the_elbo(mnist_dir):
+    images = _datamodule(mnist_dir, "none").train_x[:640]
+    weights = []
+    for objective in ("elbo", "iwae"):
+        torch.manual_seed(0)
+        module = VAEModule(objective=objective, k=1)
+        trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, torch.utils.data.DataLoader(images, batch_size=128))
+        weights.append(module.state_dict())
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_log_importance_weights_average_to_the_elbo(mnist_dir):
+    torch.manual_seed(0)
+    model, x = VAE(), _datamodule(mnist_dir, "dynamic").test_x[:20]
+    with torch.no_grad():
+        log_w, bce, mu, logvar = log_importance_weights(model, x, 4000, torch.Generator().manual_seed(0))
+        elbo_bce, kl = elbo_terms(model, x, torch.Generator().manual_seed(1))
+    # E[-log w] = BCE + KL, here with KL in closed form and the BCE from the same draws
+    assert torch.allclose(-log_w.mean(0), bce.mean(0) + kl, atol=0.3), -log_w.mean(0) - bce.mean(0) - kl
+    assert torch.allclose(bce.mean(0), elbo_bce, rtol=0.02)
+
+
+@pytest.mark.slow
+def test_the_iwae_bound_tightens_with_k_and_matches_the_evaluation(trained_run, mnist_dir):
+    model, x = _trained_vae(trained_run[0]), _datamodule(mnist_dir, "none").test_x[:1000]
+    with torch.no_grad():
+        bounds = {k: iwae_terms(model, x, k, torch.Generator().manual_seed(k))[2].mean().item() for k in (1, 5, 50)}
+    assert bounds[1] > bounds[5] + 0.5 > bounds[50] + 1.0, bounds
+    evaluated = -iw_log_likelihood(model, x, 50, generator=torch.Generator().manual_seed(7)).mean().item()
+    assert evaluated == pytest.approx(bounds[50], abs=0.1)  # the evaluation's estimator of the same bound
+
+
+class KLWeights(L.Callback):
+    def __init__(self) -> None:
+        self.weights: list[tuple[int, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights.append((trainer.global_step, pl_module.kl_weight()))
+
+
+def test_kl_warm_up_follows_its_linear_schedule_to_beta(mnist_dir, tmp_path):
+    dm = MNISTDataModule(str(mnist_dir), download=False)
+    dm.checked = True
+    module, record = VAEModule(beta=0.5, kl_warmup_epochs=2), KLWeights()
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=10, limit_val_batches=1, callbacks=[record], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert [step for step, _ in record.weights] == list(range(30))
+    assert [w for _, w in record.weights] == pytest.approx([0.5 * min(1.0, step / 20) for step in range(30)])
+    assert trainer.callback_metrics["train/loss"] == pytest.approx(
+        float(trainer.callback_metrics["train/bce"] + trainer.callback_metrics["train/kl"]), rel=1e-5
+    )  # the logged loss is the ELBO itself, whatever the weight
+
+
+@pytest.mark.parametrize("setting", ["model.objective=iwae model.beta=2", "model.objective=nope", "model.k=0"])
+def test_impossible_objective_settings_are_one_line(tmp_path, setting):
+    result = run_cli("vae_lightning.train", *setting.split(), f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(mnist_dir):
+    """Fashion-MNIST beside MNIST ($VAE_DATA_DIR/FashionMNIST/raw), as in ../shared/data."""
+    try:
+        ensure_dataset(mnist_dir, "fashion_mnist", download=True, verify_checksums=False)
+    except DataError as err:
+        pytest.skip(f"Fashion-MNIST unavailable: {err}")
+    return mnist_dir
+
+
+@pytest.mark.slow
+def test_fashion_mnist_trains_end_to_end_with_its_class_names(fashion_dir, tmp_path):
+    metrics = brief_run(tmp_path, fashion_dir, "data=fashion_mnist")
+    assert metrics["dataset"] == "fashion_mnist" and metrics["binarize"] == "none"
+    assert metrics["test/loss"] > 200  # clothes are not digits: MNIST's loss after 30 steps is ~170
+    projector = next((tmp_path / "tensorboard").glob("**/metadata.tsv")).read_text().splitlines()
+    assert {"T-shirt/top", "Ankle boot"} <= set(projector) and "0" not in projector
+    assert '"T-shirt/top"' in (tmp_path / "report.html").read_text()
+
+
+def _fashion_copy(src, dst):
+    raw = dst / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FASHION_MNIST_FILES:
+        shutil.copy(src / "FashionMNIST" / "raw" / name, raw / name)
+    return raw
+
+
+@pytest.mark.slow  # copies and checksums Fashion-MNIST
+def test_fashion_mnist_offline_and_bad_files_are_one_line(fashion_dir, tmp_path):
+    def error(data_dir):
+        result = run_cli("vae_lightning.train", "data=fashion_mnist", "data.download=false",
+                         f"data.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}")  # fmt: skip
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert error(tmp_path / "empty").startswith("error: Fashion-MNIST not found: train-images-idx3-ubyte")
+    raw = _fashion_copy(fashion_dir, tmp_path / "copy")
+    with (raw / "train-labels-idx1-ubyte").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff")
+    line = error(tmp_path / "copy")
+    assert "Fashion-MNIST file" in line and "train-labels-idx1-ubyte is corrupt (md5 mismatch)" in line
+    assert "FashionMNIST/raw/" in line
+
+
+@pytest.mark.slow
+def test_eval_of_a_binarized_checkpoint_uses_the_binarized_test_set(mnist_dir, tmp_path):
+    trained = brief_run(tmp_path / "run", mnist_dir, "data.binarize=static", "model.objective=iwae", "model.k=3")
+    assert trained["binarize"] == "static" and trained["binarize_seed"] == 0
+    # evaluated with today's defaults (continuous MNIST): the checkpoint's protocol wins
+    result = run_cli("vae_lightning.eval", f"ckpt_path={tmp_path / 'run'}", "eval.k=2", f"data.data_dir={mnist_dir}",
+                     f"hydra.run.dir={tmp_path / 'eval'}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (evaluated["dataset"], evaluated["binarize"], evaluated["binarize_seed"]) == ("mnist", "static", 0)
+    # the same test images, objective and noise give the same test numbers as the training run's
+    for key in ("test/loss", "test/bce", "test/kl", "test/iw_nll"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
+    assert "binarized test set" in evaluated["note"]
+
+
+def _fake_sweep(sweep_dir, jobs):
+    for number, (overrides, metrics) in enumerate(jobs):
+        job = sweep_dir / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_summary_gives_mean_and_std_over_seeds_per_setting(tmp_path):
+    jobs = [
+        (["model.k=1", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2}),
+        (["model.k=1", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 92.0, "epochs": 2}),
+        (["model.k=5", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 88.0, "epochs": 2}),
+        (["model.k=5", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 89.0, "epochs": 2}),
+        (["model.k=5", "seed=2", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2}),
+        (["model.k=5", "seed=3", "data.binarize=dynamic"], {"status": "failed: diverged"}),
+    ]
+    _fake_sweep(tmp_path, jobs)
+    summarise(tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| model.k=1 | 2 | " in text and "91.000 ± 1.414" in text
+    assert "| model.k=5 | 3 | " in text and "89.000 ± 1.000" in text
+    rows = (tmp_path / "summary_by_setting.csv").read_text().splitlines()
+    assert rows[0].startswith("setting,n,seeds,") and rows[2].startswith("model.k=5,3,0 1 2,")
