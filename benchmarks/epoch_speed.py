@@ -4,6 +4,7 @@
 (b) the project's training path: the objects ``python -m vae_lightning.train`` builds from the
     default config (Lightning Trainer, every default callback and logger, per-step logging),
     validation on the 10k test set included in each epoch;
+(b') the same with ``data.binarize=dynamic``: what drawing every training batch anew costs;
 (d) a bare PyTorch loop over the same preloaded tensor with fused Adam (no Lightning): what
     Lightning, logging and validation add on top of the compute;
 (c) the GEMM floor: the matrix-multiply FLOPs of one epoch at the FLOP/s this machine sustains
@@ -237,23 +238,26 @@ def main() -> None:
         ensure_dataset(data_dir, download=True)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
-    reference, project, val, bare, floor, bound, bound_floors = [], [], [], [], [], [], []
+    reference, project, val, bare, floor, bound, bound_floors, dynamic = [], [], [], [], [], [], [], []
     for r in range(args.rounds):
         reference += reference_loop_epochs(data_dir, args.epochs, device)
         epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)
         project += epoch_times
         val += val_times
+        dynamic += project_epochs(data_dir, args.epochs, [*overrides, "data.binarize=dynamic"])[0]
         bare += bare_loop_epochs(data_dir, args.epochs, device)
         floor.append(gemm_floor(device))
         bound.append(bound_seconds(data_dir, device, args.eval_images, args.eval_k))
         bound_floors.append(bound_floor(device, args.eval_images, args.eval_k))
         print(
             f"round {r + 1}/{args.rounds}: reference notebook {reference[-1]:.2f} s, "
-            f"project {project[-1]:.2f} s, bare {bare[-1]:.2f} s, bound {bound[-1]:.1f} s",
+            f"project {project[-1]:.2f} s, dynamic binarization {dynamic[-1]:.2f} s, bare {bare[-1]:.2f} s, "
+            f"bound {bound[-1]:.1f} s",
             flush=True,
         )
 
     a, b, d = statistics.median(reference), statistics.median(project), statistics.median(bare)
+    b_dynamic = statistics.median(dynamic)
     c = statistics.median(f["s_per_epoch"] for f in floor)
     rate = statistics.median(f["gflop_per_s"] for f in floor)
     e, f = statistics.median(bound), statistics.median(g["seconds"] for g in bound_floors)
@@ -266,6 +270,8 @@ def main() -> None:
         "reference_loop_s_per_epoch": {"median": a, "min": min(reference), "max": max(reference)},
         "project_s_per_epoch": {"median": b, "min": min(project), "max": max(project)},
         "validation_s_per_epoch": statistics.median(val),
+        "dynamic_binarization_s_per_epoch": {"median": b_dynamic, "min": min(dynamic), "max": max(dynamic)},
+        "dynamic_over_project": b_dynamic / b,
         "bare_loop_s_per_epoch": {"median": d, "min": min(bare), "max": max(bare)},
         "gemm_floor_s_per_epoch": c,
         "gemm_gflop_per_s": rate,
@@ -285,13 +291,17 @@ def main() -> None:
     print(f"| (a) reference notebook loop | {a:.2f} | {min(reference):.2f}-{max(reference):.2f} |")
     print(f"| (b) vae_lightning.train path | {b:.2f} | {min(project):.2f}-{max(project):.2f} |")
     print(f"| of which validation on the 10k test images | {statistics.median(val):.2f} | |")
+    print(f"| (b') the same, data.binarize=dynamic | {b_dynamic:.2f} | {min(dynamic):.2f}-{max(dynamic):.2f} |")
     print(f"| (d) bare loop, preloaded tensor, fused Adam | {d:.2f} | {min(bare):.2f}-{max(bare):.2f} |")
     print(f"| (c) GEMM floor ({result['gflop_per_epoch']:.0f} GFLOP at {rate:.0f} GFLOP/s) | {c:.2f} | |")
     what = f"(e) bound, k = {args.eval_k}, {args.eval_images} test images"
     print(f"| {what} (seconds) | {e:.1f} | {min(bound):.1f}-{max(bound):.1f} |")
     gflop = bound_floors[0]["gflop"]
     print(f"| (f) its GEMM floor ({gflop:.0f} GFLOP at {bound_rate:.0f} GFLOP/s) | {f:.1f} | |")
-    print(f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x   (b)/(d) = {b / d:.2f}x   (e)/(f) = {e / f:.2f}x")
+    print(
+        f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x   (b)/(d) = {b / d:.2f}x   (e)/(f) = {e / f:.2f}x   "
+        f"(b')/(b) = {b_dynamic / b:.3f}x"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"written {args.out}")

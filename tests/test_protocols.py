@@ -132,6 +132,7 @@ def test_kl_warm_up_follows_its_linear_schedule_to_beta(mnist_dir, tmp_path):
     )  # the logged loss is the ELBO itself, whatever the weight
 
 
+@pytest.mark.slow  # three CLI runs
 @pytest.mark.parametrize("setting", ["model.objective=iwae model.beta=2", "model.objective=nope", "model.k=0"])
 def test_impossible_objective_settings_are_one_line(tmp_path, setting):
     result = run_cli("vae_lightning.train", *setting.split(), f"hydra.run.dir={tmp_path}")
@@ -225,3 +226,25 @@ def test_the_summary_gives_mean_and_std_over_seeds_per_setting(tmp_path):
     assert "| model.k=5 | 3 | " in text and "89.000 ± 1.000" in text
     rows = (tmp_path / "summary_by_setting.csv").read_text().splitlines()
     assert rows[0].startswith("setting,n,seeds,") and rows[2].startswith("model.k=5,3,0 1 2,")
+
+
+class SeenBatches(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch.clone())
+
+
+def test_training_steps_see_the_dynamic_draws(mnist_dir):
+    """Lightning hands the training step the datamodule's binarized batch; validation sees the fixed test draw."""
+    dm = MNISTDataModule(str(mnist_dir), binarize="dynamic", download=False)
+    dm.checked = True
+    seen = SeenBatches()
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=1, callbacks=[seen], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(VAEModule(), datamodule=dm)
+    assert len(seen.batches) == 3 and all(_is_binary(batch) for batch in seen.batches)
+    assert _is_binary(dm.test_x) and not _is_binary(dm.train_x)  # the stored training images stay grey
