@@ -1,8 +1,10 @@
 """The field's protocols and objectives: binarized data, Fashion-MNIST, IWAE, beta and KL warm-up,
 seed aggregation, and evaluation under the checkpoint's protocol."""
 
+import csv
 import json
 import shutil
+import statistics
 from types import SimpleNamespace
 
 import lightning as L
@@ -248,3 +250,29 @@ def test_training_steps_see_the_dynamic_draws(mnist_dir):
     trainer.fit(VAEModule(), datamodule=dm)
     assert len(seen.batches) == 3 and all(_is_binary(batch) for batch in seen.batches)
     assert _is_binary(dm.test_x) and not _is_binary(dm.train_x)  # the stored training images stay grey
+
+
+@pytest.mark.slow
+def test_a_two_seed_two_setting_multirun_summarises_over_seeds(mnist_dir, tmp_path):
+    result = run_cli(
+        "vae_lightning.train", "-m", "seed=0,1", "model.objective=elbo,iwae", "model.k=2", "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=20", "eval.k=0", "test=false", f"data.data_dir={mnist_dir}",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_setting = list(csv.DictReader((tmp_path / "summary_by_setting.csv").open()))
+    assert [(row["setting"], row["n"], row["seeds"]) for row in by_setting] == [
+        ("model.objective=elbo", "2", "0 1"),
+        ("model.objective=iwae", "2", "0 1"),
+    ]
+    for row in by_setting:  # each setting's numbers are those of its two jobs
+        values = [
+            json.loads((job / "metrics.json").read_text())["val/loss"]
+            for job in tmp_path.iterdir()
+            if (job / ".hydra").is_dir() and row["setting"] in (job / ".hydra" / "overrides.yaml").read_text()
+        ]
+        assert len(values) == 2 and values[0] != values[1]
+        assert float(row["val/loss mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["val/loss std"]) == pytest.approx(statistics.stdev(values))
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Over seeds" in text and "| model.objective=iwae | 2 | " in text and " ± " in text
