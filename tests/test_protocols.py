@@ -202,6 +202,7 @@ def test_eval_of_a_binarized_checkpoint_uses_the_binarized_test_set(mnist_dir, t
     for key in ("test/loss", "test/bce", "test/kl", "test/iw_nll"):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
     assert "binarized test set" in evaluated["note"]
+    assert "on the data it was trained on (dataset=mnist, binarize=static, binarize_seed=0)" in result.stdout
 
 
 def _fake_sweep(sweep_dir, jobs):

@@ -87,7 +87,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(k=cfg.eval.k, latent_dim=module.model.latent_dim, checkpoint=str(ckpt), **datamodule.protocol())
     metrics["note"] = likelihood_note(metrics)
     write_json(out / "metrics.json", metrics)
-    print("\n".join([f"\nEvaluation of {ckpt} in {out}", *report_lines(metrics), f"  note: {metrics['note']}"]))
+    trained_on = ", ".join(f"{key}={value}" for key, value in datamodule.protocol().items())
+    header = f"\nEvaluation of {ckpt} in {out}, on the data it was trained on ({trained_on})"
+    print("\n".join([header, *report_lines(metrics), f"  note: {metrics['note']}"]))
     return metrics
 
 
