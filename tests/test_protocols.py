@@ -277,3 +277,11 @@ def test_a_two_seed_two_setting_multirun_summarises_over_seeds(mnist_dir, tmp_pa
         assert float(row["val/loss std"]) == pytest.approx(statistics.stdev(values))
     text = (tmp_path / "summary.md").read_text()
     assert "## Over seeds" in text and "| model.objective=iwae | 2 | " in text and " ± " in text
+
+
+def test_a_sweep_over_seeds_alone_is_one_setting_named_by_what_its_jobs_share(tmp_path):
+    jobs = [(["experiment=binarized_elbo", f"seed={s}"], {"test/iw_nll": 91.0 + s}) for s in range(3)]
+    _fake_sweep(tmp_path, jobs)
+    summarise(tmp_path)
+    assert "| experiment=binarized_elbo | 3 | " in (tmp_path / "summary.md").read_text()
+    assert "92.000 ± 1.000" in (tmp_path / "summary.md").read_text()

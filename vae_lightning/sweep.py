@@ -66,7 +66,9 @@ def over_seeds(finished: list[tuple[list[str], dict[str, Any]]], common: set[str
     for job_overrides, metrics in finished:
         setting = " ".join(o for o in job_overrides if o not in common and not o.startswith("seed="))
         seed = next((o.split("=", 1)[1] for o in job_overrides if o.startswith("seed=")), "?")
-        groups.setdefault(setting or "(the shared overrides)", []).append((seed, metrics))
+        # a sweep over seeds alone: its one setting is what every job shares
+        setting = setting or " ".join(o for o in job_overrides if o in common) or "(defaults)"
+        groups.setdefault(setting, []).append((seed, metrics))
     table = []
     for setting, jobs in groups.items():
         row: dict[str, Any] = {"setting": setting, "n": len(jobs), "seeds": " ".join(seed for seed, _ in jobs)}
