@@ -23,3 +23,5 @@ ACTIVE_UNITS = "test/active_units"
 # view and the sweep summary
 FINAL_METRICS = (*EPOCH_METRICS, *TEST_METRICS, IW_NLL, ACTIVE_UNITS)
 SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, "wall_seconds")
+# a multirun over seeds: what its over-seeds table gives the mean and std of, per setting
+SEED_METRICS = (*FINAL_METRICS, "wall_seconds")

@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.names import FINAL_METRICS, SUMMARY_COLUMNS
+from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS
 from vae_lightning.outputs import read_json, set_for_every_job
 
 
@@ -97,9 +97,6 @@ def _write_by_setting(sweep_dir: Path, finished: list, common: set[str]) -> str:
     intro = "\n## Over seeds\n\nFinished jobs that differ only in their seed: mean ± standard deviation (n - 1)\n\n"
     return intro + "\n".join(lines) + "\n"
 
-
-# what the over-seeds table aggregates
-SEED_METRICS = (*FINAL_METRICS, "wall_seconds")
 SWEEPING = re.compile(r"^(choice|range|interval|glob|shuffle|sort)\(|,")
 
 
