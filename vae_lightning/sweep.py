@@ -97,6 +97,7 @@ def _write_by_setting(sweep_dir: Path, finished: list, common: set[str]) -> str:
     intro = "\n## Over seeds\n\nFinished jobs that differ only in their seed: mean ± standard deviation (n - 1)\n\n"
     return intro + "\n".join(lines) + "\n"
 
+
 SWEEPING = re.compile(r"^(choice|range|interval|glob|shuffle|sort)\(|,")
 
 
