@@ -143,27 +143,46 @@ def iw_log_likelihood(
     in float64 (Burda et al. 2015). k = 1 is the ELBO in expectation; it tightens as k grows.
 
     Memory stays bounded whatever k: samples are drawn ``chunk_rows // len(x)`` at a time and
-    folded into a running log-sum-exp. ``sum_pixels x * logits`` is linear in the decoder's
-    last hidden layer, so it is computed as h . (W4^T x) + b4 . x, never as a k x 784 product.
+    folded into a running log-sum-exp. The decoder runs in fp32 whatever the weights' dtype.
+
+    Written for speed, since the two GEMMs are the only work that has to remain (docs/performance.md).
+    log p(x | z) = sum_j x_j l_j - softplus(l_j) over the logits l, and
+    softplus(l) = (l + |l|) / 2 - log sigmoid(|l|), so everything linear in l is a product with
+    the decoder's last hidden layer h, never a k x 784 pass: sum_j (x_j - 1/2) l_j =
+    h . W4^T (x - 1/2) + b4 . (x - 1/2). What is left per logit is |l| and sigmoid, in place,
+    and one log per 8 pixels of the product of their sigmoids (each in [1/2, 1], so it cannot
+    underflow): torch's softplus and log1p are not vectorised on CPU, and ``softplus(l).sum()``
+    took as long as the GEMM that makes l. The buffers are reused across chunks because fresh
+    100 MB tensors cost page faults every time.
     """
     dtype = model.fc1.weight.dtype  # the layers may hold bf16 or fp16 weights; the sums stay fp32+
     mu, logvar = (t.float() for t in model.encode(x.to(dtype)))
     std = torch.exp(0.5 * logvar)
     n, d = mu.shape
     x = x.float()
-    x_w4 = x @ model.fc4.weight.float()  # (n, hidden)
-    x_b4 = x @ model.fc4.bias.float()  # (n,)
+    w3, b3 = model.fc3.weight.float(), model.fc3.bias.float()
+    w4, b4 = model.fc4.weight.float(), model.fc4.bias.float()
+    pixels = w4.shape[0]
+    group = next(g for g in (8, 4, 2, 1) if pixels % g == 0)
+    h_coef = x @ w4 - 0.5 * w4.sum(0)  # (n, hidden)
+    b_coef = x @ b4 - 0.5 * b4.sum()  # (n,)
     log_norm = 0.5 * d * math.log(2 * math.pi)
     log_q_const = -0.5 * logvar.sum(-1) - log_norm  # log q(z|x) = this - |eps|^2 / 2
     running = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
     per_chunk = max(1, chunk_rows // n)
+    hidden_buf = torch.empty(per_chunk * n, w3.shape[0], device=x.device)
+    logits_buf = torch.empty(per_chunk * n, pixels, device=x.device)
     for start in range(0, k, per_chunk):
         kc = min(per_chunk, k - start)
+        rows = kc * n
         eps = torch.randn(kc, n, d, device=x.device, generator=generator)
         z = mu + std * eps
-        h = torch.relu(model.fc3(z.to(dtype))).float()
-        logits = F.linear(h, model.fc4.weight.float(), model.fc4.bias.float())
-        log_px = (h * x_w4).sum(-1) + x_b4 - F.softplus(logits).sum(-1)  # sum x*l - softplus(l)
+        h = torch.addmm(b3, z.view(rows, d), w3.t(), out=hidden_buf[:rows]).relu_()
+        l_abs = torch.addmm(b4, h, w4.t(), out=logits_buf[:rows]).abs_()
+        linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
+        half_abs = 0.5 * l_abs.sum(-1).view(kc, n)
+        log_sigmoids = l_abs.sigmoid_().view(rows, -1, group).prod(-1).log_().sum(-1).view(kc, n)
+        log_px = linear_part - half_abs + log_sigmoids
         log_pz = -0.5 * z.pow(2).sum(-1) - log_norm
         log_qz = log_q_const - 0.5 * eps.pow(2).sum(-1)
         log_w = (log_px + log_pz - log_qz).double()  # (kc, n)
