@@ -123,5 +123,5 @@ def test_active_units_count_a_constructed_encoder():
 def test_the_latent_scatter_is_drawn_for_any_latent_size(latent_dim):
     labels = torch.arange(200) % 10
     mu = torch.randn(200, latent_dim) + labels.unsqueeze(1)
-    points = latent_scatter(mu, labels).axes[0].collections[0].get_offsets()
+    points = latent_scatter(mu, labels, [str(c) for c in range(10)], "digit").axes[0].collections[0].get_offsets()
     assert points.shape == (200, 2) and np.isfinite(points).all()

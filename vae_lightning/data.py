@@ -46,6 +46,7 @@ class Source:
     torchvision_class: type
     files: dict[str, tuple[int, str]]
     class_names: tuple[str, ...]
+    label_name: str  # what one label is called in figures: "digit", "class"
 
     @property
     def folder(self) -> str:  # torchvision's: <data_dir>/MNIST/raw, <data_dir>/FashionMNIST/raw
@@ -53,9 +54,9 @@ class Source:
 
 
 SOURCES = {
-    "mnist": Source("MNIST", datasets.MNIST, MNIST_FILES, tuple(str(digit) for digit in range(10))),
+    "mnist": Source("MNIST", datasets.MNIST, MNIST_FILES, tuple(str(digit) for digit in range(10)), "digit"),
     "fashion_mnist": Source(
-        "Fashion-MNIST", datasets.FashionMNIST, FASHION_MNIST_FILES, tuple(datasets.FashionMNIST.classes)
+        "Fashion-MNIST", datasets.FashionMNIST, FASHION_MNIST_FILES, tuple(datasets.FashionMNIST.classes), "class"
     ),
 }
 # none: the reference notebook's continuous pixels; dynamic: every training use of an image draws
@@ -232,6 +233,10 @@ class MNISTDataModule(L.LightningDataModule):
     @property
     def class_names(self) -> list[str]:  # what the figures call each label
         return list(self.source.class_names)
+
+    @property
+    def label_name(self) -> str:  # and what they call a label
+        return self.source.label_name
 
     def protocol(self) -> dict[str, str | int]:
         """What the weights were trained and are evaluated on; kept in every checkpoint."""

@@ -27,8 +27,11 @@ from vae_lightning.results import likelihood_note, report_lines
 from vae_lightning.train import build
 
 
-def module_from_checkpoint(ckpt: Path) -> VAEModule:
-    """A vae_lightning checkpoint, or the reference notebook's own ``state_dict`` (same layer names)."""
+def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
+    """The module in a vae_lightning checkpoint or the reference notebook's own ``state_dict``
+    (same layer names), and the data protocol it was trained on, from one read of the file. A
+    checkpoint without a protocol (the reference notebook's, or from before protocols existed)
+    was trained on continuous MNIST."""
     state = load_checkpoint(ckpt)
     if "state_dict" in state:
         accepted = inspect.signature(VAEModule.__init__).parameters
@@ -46,16 +49,17 @@ def module_from_checkpoint(ckpt: Path) -> VAEModule:
         module.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"the weights in {ckpt} do not fit the VAE: {str(err).splitlines()[1].strip()}") from None
-    return module
-
-
-def trained_data(ckpt: Path, data_cfg: DictConfig) -> DictConfig:
-    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
-    today's: weights are evaluated on what they were trained on. A checkpoint without one (the
-    reference notebook's, or from before protocols existed) was trained on continuous MNIST."""
-    state = load_checkpoint(ckpt)
     protocol = state.get(MNISTDataModule.__qualname__) if "state_dict" in state else None
-    protocol = protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
+    return module, protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
+
+
+def module_from_checkpoint(ckpt: Path) -> VAEModule:
+    return load_trained(ckpt)[0]
+
+
+def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
+    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
+    today's: weights are evaluated on what they were trained on."""
     data_cfg = data_cfg.copy()
     for key in ("dataset", "binarize", "binarize_seed"):
         if key in protocol:
@@ -70,8 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"eval.k={cfg.eval.k}: the number of importance samples must be at least 1")
     validate_config(cfg)
     ckpt = find_checkpoint(cfg.ckpt_path, "best")
-    module = module_from_checkpoint(ckpt)
-    datamodule = build(trained_data(ckpt, cfg.data), "data")
+    module, protocol = load_trained(ckpt)
+    datamodule = build(trained_data(protocol, cfg.data), "data")
     datamodule.prepare_data()
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)

@@ -96,7 +96,7 @@ class Evaluation(L.Callback):
             with replaced_atomically(self.out / f"{name}.png") as partial:
                 save_image(upscale(grid, self.scale), partial, format="png")
         class_names = trainer.datamodule.class_names
-        scatter = latent_scatter(mu, labels, class_names)
+        scatter = latent_scatter(mu, labels, class_names, trainer.datamodule.label_name)
         with replaced_atomically(self.out / "latent_scatter.png") as partial:
             scatter.savefig(partial, dpi=110, format="png")
         for logger in trainer.loggers:

@@ -120,7 +120,9 @@ class VAEModule(L.LightningModule):
             return beta
         return beta * min(1.0, self.global_step / (warmup * self.trainer.num_training_batches))
 
-    def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
+    def _shared_step(
+        self, x: Tensor, stage: str, noise: torch.Generator | None = None, kl_weight: float = 1.0
+    ) -> dict[str, Tensor]:
         if self.hparams.objective == "iwae":
             bce, kl, neg_bound = iwae_terms(self.model, x, self.hparams.k, noise)
         else:
@@ -141,16 +143,17 @@ class VAEModule(L.LightningModule):
         # summed over pixels and over the batch (not a mean), as the reference notebook's loss
         if neg_bound is not None:
             graph_loss = neg_bound.sum()
-        elif stage == "train" and (weight := self.kl_weight()) != 1.0:
-            graph_loss = bce.sum() + weight * kl.sum()
+        elif kl_weight != 1.0:
+            graph_loss = bce.sum() + kl_weight * kl.sum()
         else:
             graph_loss = bce.sum() + kl.sum()
         return {"graph_loss": graph_loss, **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        out = self._shared_step(batch, "train")
+        kl_weight = self.kl_weight()
+        out = self._shared_step(batch, "train", kl_weight=kl_weight)
         if self.hparams.kl_warmup_epochs:  # the schedule, in TensorBoard (a Python float: no sync)
-            self.log("train/kl_weight", self.kl_weight(), on_step=True, on_epoch=False)
+            self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
         # Lightning backpropagates "loss": the sum over the batch, not the mean. The step's
         # per-image values go out with it, still on the device; TrainingHistory logs them in
         # blocks (a self.log per step costs more than the step itself on a CPU).

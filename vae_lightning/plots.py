@@ -13,8 +13,6 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
-DIGITS = tuple(str(digit) for digit in range(10))
-
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(values) < window:
@@ -131,7 +129,7 @@ def manifold_grid(model: torch.nn.Module, n: int = 20) -> Tensor:
     return digit_grid(_digits(model, z), n)
 
 
-def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str] = DIGITS) -> Figure:
+def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str], label_name: str = "class") -> Figure:
     """E[z|x] of test images coloured by class: z against the label when the latent space is
     1-D, its two dimensions when 2-D, else its first two principal components."""
     mu = mu.double().cpu()
@@ -149,7 +147,7 @@ def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str] = DIGI
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
     ax = fig.subplots()
     scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6, vmin=-0.5, vmax=9.5)
-    bar = fig.colorbar(scatter, ax=ax, ticks=range(10), label="digit" if tuple(class_names) == DIGITS else "class")
+    bar = fig.colorbar(scatter, ax=ax, ticks=range(10), label=label_name)
     bar.ax.set_yticklabels(class_names)
     ax.set(xlabel=axis[0], ylabel=axis[1], title=f"E[z|x] of {len(points)} test images (latent_dim={mu.shape[1]})")
     ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.eval import module_from_checkpoint, trained_data
+from vae_lightning.eval import load_trained, trained_data
 from vae_lightning.explorer import write_report
 from vae_lightning.train import build
 
@@ -24,10 +24,11 @@ def main(cfg: DictConfig) -> None:
         ckpt = find_checkpoint(cfg.ckpt_path, "best")
         # a run's report goes in its dir; a loose checkpoint's in this command's own
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else Path(cfg.paths.output_dir)
-        datamodule = build(trained_data(ckpt, cfg.data), "data")
+        module, protocol = load_trained(ckpt)
+        datamodule = build(trained_data(protocol, cfg.data), "data")
         datamodule.prepare_data()
         datamodule.setup("test")
-        path = write_report(run_dir, module_from_checkpoint(ckpt).model.eval(), datamodule)
+        path = write_report(run_dir, module.model.eval(), datamodule)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
