@@ -78,11 +78,39 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class _PixelSummedBCE(torch.autograd.Function):
+    """sum_j softplus(l_j) - x_j l_j over the last dimension (a multiple of 8), written as
+    sum_j relu(l_j) - x_j l_j  -  sum over groups of 8 of log prod sigmoid(|l_j|).
+
+    Hand-written because ``binary_cross_entropy_with_logits`` computes log1p per element, which
+    torch does not vectorise on CPUs: it was the costliest elementwise op of a training step, and
+    this is 1.8-2.6x faster forward and backward (docs/performance.md). Each sigmoid(|l|) lies in
+    [1/2, 1], so a product of 8 cannot underflow, and the log of it loses nothing that matters.
+    The gradient is the library's: (sigmoid(l) - x) per pixel.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, x)
+        magnitude = logits.abs()
+        linear = 0.5 * (logits.sum(-1) + magnitude.sum(-1)) - (x * logits).sum(-1)  # relu(l) = (l + |l|) / 2
+        log_sigmoids = magnitude.sigmoid_().unflatten(-1, (-1, 8)).prod(-1).log_().sum(-1)
+        return linear - log_sigmoids
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, x = ctx.saved_tensors
+        return (torch.sigmoid(logits) - x) * grad.unsqueeze(-1), None
+
+
 def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
     """Per-image BCE of sigmoid(logits) against x, summed over pixels; at least fp32 and
     stable for any logit. ``.sum()`` of it is the reference notebook's ``binary_cross_entropy(..., "sum")``."""
     logits = _at_least_fp32(logits)
-    return F.binary_cross_entropy_with_logits(logits, x.to(logits.dtype), reduction="none").sum(-1)
+    x = x.to(logits.dtype)
+    if logits.shape[-1] % 8:
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    return _PixelSummedBCE.apply(logits, x)
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
