@@ -95,6 +95,10 @@ def test_bce_from_logits_matches_the_library_in_value_and_gradient():
         torch.testing.assert_close(g_ours, g_library, rtol=1e-12, atol=0)
         few = logits[:2, :16].detach().requires_grad_()
         assert torch.autograd.gradcheck(lambda lg, x=x[:2, :16]: bce_from_logits(lg, x), (few,))
+    for pixels in (30, 7):  # pixel counts that 8 does not divide: groups of 2, of 1
+        odd, x = torch.randn(3, pixels, dtype=torch.float64) * 20, torch.rand(3, pixels, dtype=torch.float64)
+        library = F.binary_cross_entropy_with_logits(odd, x, reduction="none").sum(-1)
+        torch.testing.assert_close(bce_from_logits(odd, x), library, rtol=1e-9, atol=1e-9)
     expanded = torch.rand(6, 784).round().expand(3, 6, 784)
     logits32 = torch.randn(3, 6, 784) * 4
     torch.testing.assert_close(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 INIT_SCHEMES = ("default", "xavier_normal", "normal")
@@ -78,14 +77,23 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class _PixelSummedBCE(torch.autograd.Function):
-    """sum_j softplus(l_j) - x_j l_j over the last dimension (a multiple of 8), written as
-    sum_j relu(l_j) - x_j l_j  -  sum over groups of 8 of log prod sigmoid(|l_j|).
+def _sum_log_sigmoid_(magnitudes: Tensor) -> Tensor:
+    """sum over the last dimension of log sigmoid(|l|), given |l| (overwritten in place).
 
-    Hand-written because ``binary_cross_entropy_with_logits`` computes log1p per element, which
-    torch does not vectorise on CPUs: it was the costliest elementwise op of a training step, and
-    this is 1.8-2.6x faster forward and backward (docs/performance.md). Each sigmoid(|l|) lies in
-    [1/2, 1], so a product of 8 cannot underflow, and the log of it loses nothing that matters.
+    softplus(l) = relu(l) - log sigmoid(|l|), and the BCE and the bound need its sum over pixels.
+    torch's softplus, log1p and binary_cross_entropy_with_logits take a log1p per pixel, which
+    torch does not vectorise on CPUs: the costliest elementwise op of a training step, and as slow
+    as the GEMM that makes the logits in the bound (docs/performance.md). Here: one sigmoid per
+    pixel and one log per group of up to 8; each sigmoid(|l|) lies in [1/2, 1], so a product of 8
+    cannot underflow, and its log loses nothing that matters.
+    """
+    group = next(g for g in (8, 4, 2, 1) if magnitudes.shape[-1] % g == 0)
+    return magnitudes.sigmoid_().unflatten(-1, (-1, group)).prod(-1).log_().sum(-1)
+
+
+class _PixelSummedBCE(torch.autograd.Function):
+    """sum_j softplus(l_j) - x_j l_j over the last dimension, as
+    sum_j relu(l_j) - x_j l_j - log sigmoid(|l_j|) (``_sum_log_sigmoid_`` says why).
     The gradient is the library's: (sigmoid(l) - x) per pixel.
     """
 
@@ -94,8 +102,7 @@ class _PixelSummedBCE(torch.autograd.Function):
         ctx.save_for_backward(logits, x)
         magnitude = logits.abs()
         linear = 0.5 * (logits.sum(-1) + magnitude.sum(-1)) - (x * logits).sum(-1)  # relu(l) = (l + |l|) / 2
-        log_sigmoids = magnitude.sigmoid_().unflatten(-1, (-1, 8)).prod(-1).log_().sum(-1)
-        return linear - log_sigmoids
+        return linear - _sum_log_sigmoid_(magnitude)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -107,10 +114,7 @@ def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
     """Per-image BCE of sigmoid(logits) against x, summed over pixels; at least fp32 and
     stable for any logit. ``.sum()`` of it is the reference notebook's ``binary_cross_entropy(..., "sum")``."""
     logits = _at_least_fp32(logits)
-    x = x.to(logits.dtype)
-    if logits.shape[-1] % 8:
-        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
-    return _PixelSummedBCE.apply(logits, x)
+    return _PixelSummedBCE.apply(logits, x.to(logits.dtype))
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -177,11 +181,9 @@ def iw_log_likelihood(
     log p(x | z) = sum_j x_j l_j - softplus(l_j) over the logits l, and
     softplus(l) = (l + |l|) / 2 - log sigmoid(|l|), so everything linear in l is a product with
     the decoder's last hidden layer h, never a k x 784 pass: sum_j (x_j - 1/2) l_j =
-    h . W4^T (x - 1/2) + b4 . (x - 1/2). What is left per logit is |l| and sigmoid, in place,
-    and one log per 8 pixels of the product of their sigmoids (each in [1/2, 1], so it cannot
-    underflow): torch's softplus and log1p are not vectorised on CPU, and ``softplus(l).sum()``
-    took as long as the GEMM that makes l. The buffers are reused across chunks because fresh
-    100 MB tensors cost page faults every time.
+    h . W4^T (x - 1/2) + b4 . (x - 1/2). What is left per logit is |l| and ``_sum_log_sigmoid_``,
+    in place. The buffers are reused across chunks because fresh 100 MB tensors cost page faults
+    every time.
     """
     dtype = model.fc1.weight.dtype  # the layers may hold bf16 or fp16 weights; the sums stay fp32+
     mu, logvar = (t.float() for t in model.encode(x.to(dtype)))
@@ -191,7 +193,6 @@ def iw_log_likelihood(
     w3, b3 = model.fc3.weight.float(), model.fc3.bias.float()
     w4, b4 = model.fc4.weight.float(), model.fc4.bias.float()
     pixels = w4.shape[0]
-    group = next(g for g in (8, 4, 2, 1) if pixels % g == 0)
     h_coef = x @ w4 - 0.5 * w4.sum(0)  # (n, hidden)
     b_coef = x @ b4 - 0.5 * b4.sum()  # (n,)
     log_norm = 0.5 * d * math.log(2 * math.pi)
@@ -209,8 +210,7 @@ def iw_log_likelihood(
         l_abs = torch.addmm(b4, h, w4.t(), out=logits_buf[:rows]).abs_()
         linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
         half_abs = 0.5 * l_abs.sum(-1).view(kc, n)
-        log_sigmoids = l_abs.sigmoid_().view(rows, -1, group).prod(-1).log_().sum(-1).view(kc, n)
-        log_px = linear_part - half_abs + log_sigmoids
+        log_px = linear_part - half_abs + _sum_log_sigmoid_(l_abs).view(kc, n)
         log_pz = -0.5 * z.pow(2).sum(-1) - log_norm
         log_qz = log_q_const - 0.5 * eps.pow(2).sum(-1)
         log_w = (log_px + log_pz - log_qz).double()  # (kc, n)
