@@ -7,13 +7,17 @@
 (b') the same with ``data.binarize=dynamic``: what drawing every training batch anew costs;
 (d) a bare PyTorch loop over the same preloaded tensor with fused Adam (no Lightning): what
     Lightning, logging and validation add on top of the compute;
+(g) Lightning's own floor: (d)'s step as the whole LightningModule, fed by the project's loader,
+    with no callback, logger, metric, progress bar, checkpoint or validation: what one Lightning
+    step per optimizer step costs before the project adds anything;
 (c) the GEMM floor: the matrix-multiply FLOPs of one epoch at the FLOP/s this machine sustains
     at the model's shapes;
 (e) the importance-weighted bound (k = 5000) over 1,000 test images, as the evaluation runs it;
 (f) its GEMM floor: its matrix-multiply FLOPs at the rate measured at its own shapes.
 
 Candidates are interleaved round by round and medians are reported, since timings on a shared
-machine drift. Usage: ``make bench`` or ``python benchmarks/epoch_speed.py --rounds 3 --epochs 2``.
+machine drift; the ratios are medians of each round's own ratio, so a slow round slows both sides.
+Usage: ``make bench`` or ``python benchmarks/epoch_speed.py --rounds 3 --epochs 2``.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_lightning.data import default_data_dir, ensure_dataset, load_split
+from vae_lightning.data import default_data_dir, ensure_dataset, load_split, tensor_loader
 from vae_lightning.errors import DataError
+from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood
 from vae_lightning.train import build_run
 
@@ -113,6 +118,48 @@ def bare_loop_epochs(data_dir: Path, epochs: int, device: torch.device) -> list[
         sync(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+class BareStepModule(L.LightningModule):
+    """(g): the bare loop's step and nothing else, as Lightning runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = VAE()
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        bce, kl = elbo_terms(self.model, batch)
+        return bce.sum() + kl.sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+def lightning_floor_epochs(data_dir: Path, epochs: int, device: torch.device) -> list[float]:
+    images = load_split(data_dir, train=True)[0].to(device)
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
+    trainer.fit(BareStepModule(), train_dataloaders=tensor_loader(images, 128, True, 0, 0, 1))
+    return timer.times
+
+
+def per_round_ratio(top: list[float], bottom: list[float], rounds: int) -> float:
+    """Median over rounds of (this round's median of ``top``) / (its median of ``bottom``)."""
+    per = len(top) // rounds
+    return statistics.median(
+        statistics.median(top[r * per : (r + 1) * per]) / statistics.median(bottom[r * per : (r + 1) * per])
+        for r in range(rounds)
+    )
 
 
 class EpochTimer(L.Callback):
@@ -238,69 +285,88 @@ def main() -> None:
         ensure_dataset(data_dir, download=True)
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
-    reference, project, val, bare, floor, bound, bound_floors, dynamic = [], [], [], [], [], [], [], []
+    skip_nvml_probe_without_gpu()  # as build_run does for (b): no candidate pays torch's per-step NVML probe
+    reference, project, val, bare, lightning, floor, bound, bound_floors, dynamic = ([] for _ in range(9))
     for r in range(args.rounds):
-        reference += reference_loop_epochs(data_dir, args.epochs, device)
+        # (b), (d) and (g) side by side: their ratios are taken round by round
         epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)
         project += epoch_times
         val += val_times
-        dynamic += project_epochs(data_dir, args.epochs, [*overrides, "data.binarize=dynamic"])[0]
         bare += bare_loop_epochs(data_dir, args.epochs, device)
+        lightning += lightning_floor_epochs(data_dir, args.epochs, device)
+        dynamic += project_epochs(data_dir, args.epochs, [*overrides, "data.binarize=dynamic"])[0]
+        reference += reference_loop_epochs(data_dir, args.epochs, device)
         floor.append(gemm_floor(device))
         bound.append(bound_seconds(data_dir, device, args.eval_images, args.eval_k))
         bound_floors.append(bound_floor(device, args.eval_images, args.eval_k))
         print(
-            f"round {r + 1}/{args.rounds}: reference notebook {reference[-1]:.2f} s, "
-            f"project {project[-1]:.2f} s, dynamic binarization {dynamic[-1]:.2f} s, bare {bare[-1]:.2f} s, "
-            f"bound {bound[-1]:.1f} s",
+            f"round {r + 1}/{args.rounds}: project {project[-1]:.2f} s, bare {bare[-1]:.2f} s, "
+            f"Lightning's floor {lightning[-1]:.2f} s, dynamic binarization {dynamic[-1]:.2f} s, "
+            f"reference notebook {reference[-1]:.2f} s, bound {bound[-1]:.1f} s",
             flush=True,
         )
 
-    a, b, d = statistics.median(reference), statistics.median(project), statistics.median(bare)
-    b_dynamic = statistics.median(dynamic)
+    b = statistics.median(project)
     c = statistics.median(f["s_per_epoch"] for f in floor)
     rate = statistics.median(f["gflop_per_s"] for f in floor)
-    e, f = statistics.median(bound), statistics.median(g["seconds"] for g in bound_floors)
+    f = statistics.median(g["seconds"] for g in bound_floors)
     bound_rate = statistics.median(g["gflop_per_s"] for g in bound_floors)
+    ratio = {
+        "reference_over_project": per_round_ratio(reference, project, args.rounds),
+        "project_over_floor": b / c,
+        "project_over_bare": per_round_ratio(project, bare, args.rounds),
+        "lightning_floor_over_bare": per_round_ratio(lightning, bare, args.rounds),
+        "project_over_lightning_floor": per_round_ratio(project, lightning, args.rounds),
+        "dynamic_over_project": per_round_ratio(dynamic, project, args.rounds),
+        "bound_over_floor": statistics.median(x / y["seconds"] for x, y in zip(bound, bound_floors, strict=True)),
+    }
+
+    def spread(times: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
     result = {
         "machine": machine(device),
         "rounds": args.rounds,
         "epochs_per_round": args.epochs,
         "overrides": overrides,
-        "reference_loop_s_per_epoch": {"median": a, "min": min(reference), "max": max(reference)},
-        "project_s_per_epoch": {"median": b, "min": min(project), "max": max(project)},
+        "reference_loop_s_per_epoch": spread(reference),
+        "project_s_per_epoch": spread(project),
         "validation_s_per_epoch": statistics.median(val),
-        "dynamic_binarization_s_per_epoch": {"median": b_dynamic, "min": min(dynamic), "max": max(dynamic)},
-        "dynamic_over_project": b_dynamic / b,
-        "bare_loop_s_per_epoch": {"median": d, "min": min(bare), "max": max(bare)},
+        "dynamic_binarization_s_per_epoch": spread(dynamic),
+        "bare_loop_s_per_epoch": spread(bare),
+        "lightning_floor_s_per_epoch": spread(lightning),
         "gemm_floor_s_per_epoch": c,
         "gemm_gflop_per_s": rate,
         "gflop_per_epoch": floor[0]["gflop_per_epoch"],
-        "reference_over_project": a / b,
-        "project_over_floor": b / c,
-        "project_over_bare": b / d,
+        "ratios_median_of_rounds": ratio,
         "bound": {"images": args.eval_images, "k": args.eval_k, "gflop": bound_floors[0]["gflop"]},
-        "bound_s": {"median": e, "min": min(bound), "max": max(bound)},
+        "bound_s": spread(bound),
         "bound_gemm_floor_s": f,
         "bound_gemm_gflop_per_s": bound_rate,
-        "bound_over_floor": e / f,
     }
+
+    def row(what: str, times: list[float], digits: int = 2) -> str:
+        low, high = min(times), max(times)
+        return f"| {what} | {statistics.median(times):.{digits}f} | {low:.{digits}f}-{high:.{digits}f} |"
+
     print(f"\nmachine: {result['machine']}\n")
     print("| candidate | s/epoch (median) | min-max |")
     print("|---|---|---|")
-    print(f"| (a) reference notebook loop | {a:.2f} | {min(reference):.2f}-{max(reference):.2f} |")
-    print(f"| (b) vae_lightning.train path | {b:.2f} | {min(project):.2f}-{max(project):.2f} |")
+    print(row("(a) reference notebook loop", reference))
+    print(row("(b) vae_lightning.train path", project))
     print(f"| of which validation on the 10k test images | {statistics.median(val):.2f} | |")
-    print(f"| (b') the same, data.binarize=dynamic | {b_dynamic:.2f} | {min(dynamic):.2f}-{max(dynamic):.2f} |")
-    print(f"| (d) bare loop, preloaded tensor, fused Adam | {d:.2f} | {min(bare):.2f}-{max(bare):.2f} |")
+    print(row("(b') the same, data.binarize=dynamic", dynamic))
+    print(row("(d) bare loop, preloaded tensor, fused Adam", bare))
+    print(row("(g) Lightning's floor: (d)'s step as a LightningModule, nothing else", lightning))
     print(f"| (c) GEMM floor ({result['gflop_per_epoch']:.0f} GFLOP at {rate:.0f} GFLOP/s) | {c:.2f} | |")
-    what = f"(e) bound, k = {args.eval_k}, {args.eval_images} test images"
-    print(f"| {what} (seconds) | {e:.1f} | {min(bound):.1f}-{max(bound):.1f} |")
+    print(row(f"(e) bound, k = {args.eval_k}, {args.eval_images} test images (seconds)", bound, 1))
     gflop = bound_floors[0]["gflop"]
     print(f"| (f) its GEMM floor ({gflop:.0f} GFLOP at {bound_rate:.0f} GFLOP/s) | {f:.1f} | |")
     print(
-        f"\n(a)/(b) = {a / b:.2f}x   (b)/(c) = {b / c:.2f}x   (b)/(d) = {b / d:.2f}x   (e)/(f) = {e / f:.2f}x   "
-        f"(b')/(b) = {b_dynamic / b:.3f}x"
+        f"\nmedians of the rounds' ratios: (a)/(b) = {ratio['reference_over_project']:.2f}x   "
+        f"(b)/(d) = {ratio['project_over_bare']:.3f}x   (g)/(d) = {ratio['lightning_floor_over_bare']:.3f}x   "
+        f"(b)/(g) = {ratio['project_over_lightning_floor']:.3f}x   (b')/(b) = {ratio['dynamic_over_project']:.3f}x   "
+        f"(e)/(f) = {ratio['bound_over_floor']:.2f}x;   (b)/(c) = {b / c:.2f}x"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.evaluation import Evaluation
+from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.train import build
 
 
@@ -57,6 +58,22 @@ def test_every_config_builds(tmp_path, overrides):
     trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers)
     assert trainer.max_epochs == cfg.trainer.max_epochs
     assert trainer.log_every_n_steps == 1
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_the_per_step_nvml_probe_is_skipped_only_where_it_finds_no_gpu(monkeypatch, gpu):
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as importing Lightning leaves it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    skip_nvml_probe_without_gpu()
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == ("1" if gpu else "0")
+
+
+def test_skipping_the_nvml_probe_keeps_torchs_answer(monkeypatch):
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    before = torch.cuda.is_available()
+    skip_nvml_probe_without_gpu()
+    assert torch.cuda.is_available() == before
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == ("1" if before else "0")
 
 
 def test_gpu_config_composes_and_is_refused_cleanly_without_a_gpu(tmp_path):

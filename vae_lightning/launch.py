@@ -1,5 +1,5 @@
-"""What the process needs under Hydra before a run starts: Lightning's messages in train.log, and
-DDP jobs inside a multirun."""
+"""What the process needs before a run starts: Lightning's messages in train.log, DDP jobs inside
+a multirun, and no NVML probe on every optimizer step of a machine without a GPU."""
 
 from __future__ import annotations
 
@@ -37,6 +37,17 @@ def route_lightning_logs() -> None:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
         logger.propagate = True
+
+
+def skip_nvml_probe_without_gpu() -> None:
+    """Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking for CUDA does not
+    initialise it in a process that later forks). torch's optimizers ask on every step, and where
+    no GPU has been initialised, which is every CPU run of a CUDA build of torch, each ask loads
+    NVML again: ~30-45 us a step, 1-2 % of a CPU training step (docs/performance.md). Where that
+    probe finds no GPU there is nothing to protect, so the runtime's own check, cached after its
+    first call, answers instead. Machines with a GPU keep Lightning's setting."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and not torch.cuda.is_available():
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
 def end_process_group() -> None:

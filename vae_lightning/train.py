@@ -24,7 +24,13 @@ from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
-from vae_lightning.launch import end_process_group, hand_ddp_this_job_alone, processes, route_lightning_logs
+from vae_lightning.launch import (
+    end_process_group,
+    hand_ddp_this_job_alone,
+    processes,
+    route_lightning_logs,
+    skip_nvml_probe_without_gpu,
+)
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
 from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
@@ -48,6 +54,7 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     """Check the config, seed everything and build (datamodule, module, trainer)."""
     validate_config(cfg)
     check_hardware(cfg.trainer)
+    skip_nvml_probe_without_gpu()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first
