@@ -45,6 +45,19 @@ def test_binarize_draws_bernoulli_pixels():
     )
 
 
+def test_binarize_is_the_16_bit_rule_exactly_for_every_mnist_intensity():
+    # every value ToTensor gives, 2,000 draws each, and p = 0 a million times, where u = -32768 (1 in
+    # 65,536) must give 0: the rule's one tie
+    p = torch.cat([(torch.arange(256) / 255).repeat(2_000), torch.zeros(2**20)]).view(-1, 256)
+    words = torch.randint(
+        -(2**63), 2**63 - 1, (p.numel() // 4,), dtype=torch.int64, generator=torch.Generator().manual_seed(3)
+    )
+    uniform = words.view(torch.int16).view(p.shape).float()
+    assert (uniform == -32768).any()
+    rule = (uniform < p * 65536 - 32768).float()  # the documented rule, P(x = 1) = p to 2^-16
+    assert torch.equal(binarize(p, torch.Generator().manual_seed(3)), rule)
+
+
 def test_dynamic_binarization_redraws_training_batches_and_static_does_not(mnist_dir):
     dynamic, static = _datamodule(mnist_dir, "dynamic"), _datamodule(mnist_dir, "static")
     training = SimpleNamespace(training=True)
