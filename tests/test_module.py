@@ -1,10 +1,11 @@
 import lightning as L
 import pytest
 import torch
+from torchmetrics import MeanMetric
 
 from vae_lightning.data import tensor_loader
 from vae_lightning.model import VAE, bce_from_logits, kl_divergence
-from vae_lightning.module import VAEModule
+from vae_lightning.module import PerImageMean, VAEModule
 
 
 def _trainer() -> L.Trainer:
@@ -31,6 +32,19 @@ def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
     assert result["val/bce"] == pytest.approx(bce.item(), rel=1e-5)
     assert result["val/kl"] == pytest.approx(kl.item(), rel=1e-5)
     assert result["val/loss"] == pytest.approx((bce + kl).item(), rel=1e-5)
+
+
+def test_per_image_mean_gives_torchmetrics_mean_to_the_bit():
+    ours, library = PerImageMean(), MeanMetric()
+    torch.manual_seed(0)
+    for size in (128, 128, 44):
+        values = torch.randn(size) * 50 + 100
+        ours.update(values)
+        library.update(values)
+    assert torch.equal(ours.compute(), library.compute())
+    ours.reset()
+    ours.update(torch.tensor([1.0, 2.0]))
+    assert ours.compute() == 1.5
 
 
 def test_training_backpropagates_the_summed_loss_with_adam():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from vae_lightning.model import VAE, elbo_terms, iwae_terms
 from vae_lightning.names import STAGES, TERMS, metric
@@ -15,6 +15,29 @@ FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 # test loss in every run and in ``vae_lightning.eval``
 TEST_NOISE_SEED = 0
 OBJECTIVES = ("elbo", "iwae")
+
+
+class PerImageMean(Metric):
+    """The mean of every value it is given: a sum and a count, summed over processes.
+
+    Hand-written because torchmetrics' ``MeanMetric`` either checks for NaN (a host sync per step)
+    or, with ``nan_strategy="disable"``, builds and multiplies two weight tensors per update
+    (torchmetrics#3434): ~15 us an update on a CPU, three updates a step. Same sums, same result.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")  # float, as MeanMetric's weight
+
+    def update(self, values: Tensor) -> None:
+        self.total += values.sum()
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        return self.total / self.count
 
 
 class VAEModule(L.LightningModule):
@@ -29,7 +52,7 @@ class VAEModule(L.LightningModule):
     ``train/bce_step`` etc. are the batch's per-image values at every step (returned by
     ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/bce`` etc.
     are the epoch's sum over images divided by images seen (the numbers the reference notebook prints),
-    aggregated by ``MeanMetric`` over every image's value, so that they mean the same for
+    aggregated by ``PerImageMean`` over every image's value, so that they mean the same for
     any batch size and on any number of devices.
     """
 
@@ -58,11 +81,7 @@ class VAEModule(L.LightningModule):
             raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
         self.save_hyperparameters()
         self.model = VAE(input_dim, hidden_dim, latent_dim, init, init_std)
-        # NaN checks inside the metric would sync with the host every step. ("disable" also
-        # drops MeanMetric's weights, torchmetrics#3434, so we feed per-image values instead.)
-        self.means = nn.ModuleDict(
-            {f"{stage}_{term}": MeanMetric(nan_strategy="disable") for stage in STAGES for term in TERMS}
-        )
+        self.means = nn.ModuleDict({f"{stage}_{term}": PerImageMean() for stage in STAGES for term in TERMS})
         self._logged_this_epoch: set[tuple[str, str]] = set()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
