@@ -116,7 +116,8 @@ def main() -> None:
     for (name, kind), total in sorted(seconds.items(), key=lambda item: -item[1]):
         ms = total / args.epochs * 1e3
         if kind.startswith("on_train_end"):
-            print(f"| {name}, {kind} (not in an epoch) | {total * 1e3:.1f} once | |")
+            if total >= 1e-3:
+                print(f"| {name}, {kind} (not in an epoch) | {total * 1e3:.1f} once | |")
         elif ms >= 1:
             print(f"| {name}, hooks {kind} | {ms:.1f} | {ms / 1e3 / epoch:.1%} |")
     val = statistics.median(val_times)
