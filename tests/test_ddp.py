@@ -39,6 +39,9 @@ def test_two_process_ddp_means_the_same_as_one_process(trained_run, mnist_dir, t
     assert not list(ddp_dir.glob("**/epochs*.csv"))[1:]  # no second copy from the other rank
     for name in ("samples.png", "loss_curves.png", "metrics.json", "checkpoints/last.ckpt"):
         assert (ddp_dir / name).exists(), name
+    # each process drew its own noise for its own images: their generators went separate ways
+    states = load_checkpoint(ddp_dir / "checkpoints" / "last.ckpt")["rng_states"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
 
 @pytest.mark.slow

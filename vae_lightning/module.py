@@ -102,15 +102,20 @@ class VAEModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # restored here, not on load: the sanity-check validation in between also draws noise
-        saved = getattr(self, "_rng_to_restore", None)
+        saved = getattr(self, "_rng_to_restore", None) or []
+        saved = saved if isinstance(saved, list) else [saved]
         if saved:
             # this process's own; with another number of processes the noise cannot match anyway
-            states = saved[self.global_rank % len(saved)] if isinstance(saved, list) else saved
+            states = saved[self.global_rank % len(saved)]
             torch.set_rng_state(states["torch"])
             cuda = states.get("cuda")
             if self.device.type == "cuda" and isinstance(cuda, torch.Tensor):  # (lists: an older format)
                 torch.cuda.set_rng_state(cuda, self.device)
             self._rng_to_restore = None
+        if self.global_rank >= max(len(saved), 1):
+            # every process was seeded alike (build_run), so each would draw the same noise (z's eps,
+            # the dynamic binarization) for its own images; process 0 keeps the seed's own stream
+            torch.manual_seed((torch.initial_seed() + (self.global_rank << 32)) % 2**64)  # CPU and CUDA
 
     def on_fit_start(self) -> None:
         # trainer.precision=bf16-true / 16-true converts the whole module, the metrics' running
