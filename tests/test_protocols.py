@@ -15,14 +15,14 @@ from helpers import brief_run, run_cli
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.data import FASHION_MNIST_FILES, MNISTDataModule, binarize, ensure_dataset
 from vae_lightning.errors import DataError
-from vae_lightning.eval import module_from_checkpoint
+from vae_lightning.eval import load_trained, module_from_checkpoint
 from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood, iwae_terms, log_importance_weights
 from vae_lightning.module import VAEModule
 from vae_lightning.sweep import summarise
 
 
-def _datamodule(mnist_dir, binarize: str, seed: int = 0) -> MNISTDataModule:
-    dm = MNISTDataModule(str(mnist_dir), binarize=binarize, seed=seed, download=False)
+def _datamodule(mnist_dir, binarize: str, seed: int = 0, val_split: int = 0) -> MNISTDataModule:
+    dm = MNISTDataModule(str(mnist_dir), binarize=binarize, seed=seed, download=False, val_split=val_split)
     dm.checked = True  # the sizes were checked by the mnist_dir fixture
     dm.setup("fit")
     return dm
@@ -74,6 +74,32 @@ def test_dynamic_binarization_redraws_training_batches_and_static_does_not(mnist
     # outside training (validation, test) nothing is redrawn
     dynamic.trainer = SimpleNamespace(training=False)
     assert torch.equal(dynamic.on_after_batch_transfer(dynamic.test_x[:10], 0), dynamic.test_x[:10])
+
+
+def test_val_split_holds_out_the_last_training_images_for_validation_only(mnist_dir):
+    plain, split = _datamodule(mnist_dir, "none"), _datamodule(mnist_dir, "none", val_split=10_000)
+    assert (len(split.train_x), len(split.val_x), len(split.test_x)) == (50_000, 10_000, 10_000)
+    assert torch.equal(split.train_x, plain.train_x[:50_000]) and torch.equal(split.val_x, plain.train_x[50_000:])
+    assert torch.equal(next(iter(split.val_dataloader())), split.val_x[:1000])  # validation: the held-out images
+    assert torch.equal(next(iter(split.test_dataloader())), plain.test_x[:1000])  # the test: the test set still
+    assert torch.equal(next(iter(plain.val_dataloader())), plain.test_x[:1000])  # 0: the test set, as before
+    assert split.protocol()["val_split"] == 10_000 and "val_split" not in plain.protocol()
+    # binarized: the held-out images are their part of the training set's one draw, in both modes
+    static, dynamic = (_datamodule(mnist_dir, mode, val_split=10_000) for mode in ("static", "dynamic"))
+    whole_draw = _datamodule(mnist_dir, "static").train_x
+    assert torch.equal(static.val_x, whole_draw[50_000:]) and torch.equal(dynamic.val_x, static.val_x)
+    assert torch.equal(static.train_x, whole_draw[:50_000]) and torch.equal(dynamic.train_x, split.train_x)
+    with pytest.raises(DataError, match="val_split=60000 would leave nothing to train on.*hold out fewer"):
+        _datamodule(mnist_dir, "none", val_split=60_000)
+    with pytest.raises(DataError, match="val_split=-1"):
+        MNISTDataModule(str(mnist_dir), val_split=-1)
+
+
+@pytest.mark.slow
+def test_a_run_with_val_split_records_it_in_its_metrics_and_checkpoint(mnist_dir, tmp_path):
+    metrics = brief_run(tmp_path / "run", mnist_dir, "data.val_split=10000")
+    assert metrics["val_split"] == 10_000 and {"val/loss", "test/loss", "test/iw_nll"} <= set(metrics)
+    assert load_trained(metrics["checkpoint"])[1]["val_split"] == 10_000
 
 
 def test_the_binarized_test_set_is_one_fixed_draw_for_every_run_and_protocol(mnist_dir):

@@ -199,14 +199,20 @@ def tensor_loader(images: Tensor, batch_size: int, shuffle: bool, seed: int, ran
 
 
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST or Fashion-MNIST (``dataset``): train on the 60k training images; validate and test on
-    the official 10k test set, under one of the ``BINARIZE`` protocols.
+    """MNIST or Fashion-MNIST (``dataset``) under one of the ``BINARIZE`` protocols: train on the
+    60k training images and test on the official 10k test set.
 
-    With ``binarize`` dynamic or static, the test set (which validation uses too) is one draw with
-    ``binarize_seed``, made on the CPU: every run, on any device, is evaluated on the same 0/1
-    images. ``static`` trains on one draw of the training set (``binarize_seed + 1``); ``dynamic``
-    draws every training batch anew on the device, from the global generator, whose state
-    checkpoints keep, so a resumed run draws what an uninterrupted one would.
+    Validation (the per-epoch val/* and the choice of the best checkpoint) runs on the test set, as
+    the reference notebook's per-epoch test loop does, unless ``val_split`` holds out that many
+    training images for it: the last ones of the training file (MNIST's customary 50k/10k split
+    at 10,000), never trained on.
+
+    With ``binarize`` dynamic or static, the test set is one draw with ``binarize_seed``, made on
+    the CPU: every run, on any device, is evaluated on the same 0/1 images. The training set has
+    one draw too (``binarize_seed + 1``): ``static`` trains on it, and the held-out validation
+    images are their part of it in both modes. ``dynamic`` draws every training batch anew on the
+    device, from the global generator, whose state checkpoints keep, so a resumed run draws what
+    an uninterrupted one would.
     """
 
     def __init__(
@@ -219,16 +225,20 @@ class MNISTDataModule(L.LightningDataModule):
         eval_batch_size: int = 1000,
         seed: int = 0,
         download: bool = True,
+        val_split: int = 0,
     ) -> None:
         super().__init__()
         if binarize not in BINARIZE:
             raise DataError(f"data.binarize={binarize!r} is not one of {', '.join(BINARIZE)}")
+        if not isinstance(val_split, int) or val_split < 0:
+            raise DataError(f"data.val_split={val_split!r}: give a number of training images to hold out, or 0")
         self.source = source(dataset)
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.dataset, self.binarize, self.binarize_seed = dataset, binarize, binarize_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.seed, self.download = seed, download
+        self.seed, self.download, self.val_split = seed, download, val_split
         self.train_x: Tensor | None = None
+        self.val_x: Tensor | None = None  # the test set unless val_split holds out training images
         self.test_x: Tensor | None = None
         self.test_y: Tensor | None = None
         self.checked = False  # the files were found and their checksums verified in this process
@@ -246,6 +256,8 @@ class MNISTDataModule(L.LightningDataModule):
         protocol: dict[str, str | int] = {"dataset": self.dataset, "binarize": self.binarize}
         if self.binarize != "none":
             protocol["binarize_seed"] = self.binarize_seed
+        if self.val_split:
+            protocol["val_split"] = self.val_split
         return protocol
 
     def state_dict(self) -> dict[str, str | int]:
@@ -268,11 +280,21 @@ class MNISTDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
         train_x = load_split(self.data_dir, True, self.dataset)[0]
         test_x, self.test_y = load_split(self.data_dir, False, self.dataset)
+        if self.val_split >= len(train_x):
+            raise DataError(
+                f"data.val_split={self.val_split} would leave nothing to train on: "
+                f"{self.source.title} has {len(train_x)} training images; hold out fewer (e.g. 10000)"
+            )
+        drawn = train_x
         if self.binarize != "none":
             test_x = binarize(test_x, torch.Generator().manual_seed(self.binarize_seed))
+            if self.binarize == "static" or self.val_split:
+                drawn = binarize(train_x, torch.Generator().manual_seed(self.binarize_seed + 1))
         if self.binarize == "static":
-            train_x = binarize(train_x, torch.Generator().manual_seed(self.binarize_seed + 1))
-        self.train_x, self.test_x = train_x.to(device), test_x.to(device)
+            train_x = drawn
+        kept = len(train_x) - self.val_split
+        val_x = drawn[kept:] if self.val_split else test_x
+        self.train_x, self.val_x, self.test_x = train_x[:kept].to(device), val_x.to(device), test_x.to(device)
 
     def on_after_batch_transfer(self, batch: Tensor, dataloader_idx: int) -> Tensor:
         if self.binarize == "dynamic" and self.trainer is not None and self.trainer.training:
@@ -288,6 +310,7 @@ class MNISTDataModule(L.LightningDataModule):
         return tensor_loader(self.train_x, self.batch_size, True, self.seed, *self._rank())
 
     def val_dataloader(self) -> DataLoader:
-        return tensor_loader(self.test_x, self.eval_batch_size, False, self.seed, *self._rank())
+        return tensor_loader(self.val_x, self.eval_batch_size, False, self.seed, *self._rank())
 
-    test_dataloader = val_dataloader
+    def test_dataloader(self) -> DataLoader:
+        return tensor_loader(self.test_x, self.eval_batch_size, False, self.seed, *self._rank())
