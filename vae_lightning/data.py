@@ -160,8 +160,8 @@ def binarize(images: Tensor, generator: torch.Generator | None = None) -> Tensor
     )  # fmt: skip
     uniform = words.view(torch.int16)[: images.numel()].view(images.shape)  # in [-32768, 32767]
     # x = [u < 65536 p - 32768], written as [(65536 p - 32768) - u > 0] in place on one float
-    # tensor (fewer passes and allocations than a comparison and a cast); the difference is exact in float32,
-    # so every draw is the comparison's
+    # tensor (fewer passes and allocations than a comparison and a cast); the difference is
+    # exact in float32, so every draw is the comparison's
     return images.float().mul(65536).sub_(32768).sub_(uniform).gt_(0)
 
 
