@@ -22,13 +22,12 @@ import statistics
 import time
 
 import torch
-from epoch_speed import machine, project_epochs
+from epoch_speed import bare_loss, machine, project_epochs
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer import call
 
 from vae_lightning.data import default_data_dir, ensure_dataset
 from vae_lightning.launch import skip_nvml_probe_without_gpu
-from vae_lightning.model import elbo_terms
 from vae_lightning.module import VAEModule
 
 PER_BATCH_HOOKS = ("batch", "backward", "optimizer_step", "zero_grad")
@@ -75,9 +74,9 @@ def step_costs(rounds: int, steps: int = 300) -> tuple[float, float]:
         torch.stack([out["bce"], out["kl"], out["per_image_loss"]])  # TrainingHistory's per-step work
 
     def bare() -> None:
-        bce, kl = elbo_terms(module.model, x)
+        loss = bare_loss(module.model, x)
         optimizer.zero_grad()
-        (bce.sum() + kl.sum()).backward()
+        loss.backward()
         optimizer.step()
 
     def us_per_step(step) -> float:
