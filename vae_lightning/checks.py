@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
+from vae_lightning.nets import net_settings
 
 
 def _positive_int(value: object) -> bool:
@@ -22,8 +23,8 @@ _ABSENT = object()
 # (key, check, what it must be); a key the config lacks is not checked
 VALUE_CHECKS = (
     ("model.latent_dim", _positive_int, "an integer >= 1"),
-    ("model.hidden_dim", _positive_int, "an integer >= 1"),
     ("model.lr", _positive_number, "a number > 0"),
+    ("model.input_dim", _positive_int, "an integer >= 1"),
     ("model.k", _positive_int, "an integer >= 1 (importance samples per image)"),
     ("model.beta", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
     ("model.kl_warmup_epochs", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
@@ -40,6 +41,11 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
             raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
+    if OmegaConf.select(cfg, "model.net") is not None:
+        try:
+            net_settings(OmegaConf.to_container(cfg.model.net))
+        except ValueError as err:
+            raise UserError(f"{err}; see conf/model/net/ for the nets and their settings") from None
 
 
 # keys a "+key=value" override may add: arguments of the Lightning objects these build, which say

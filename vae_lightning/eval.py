@@ -4,7 +4,6 @@ a training run."""
 
 from __future__ import annotations
 
-import inspect
 import signal
 import sys
 from pathlib import Path
@@ -17,54 +16,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
+from vae_lightning.building import build, load_trained, trained_data
+from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.checks import validate_config
-from vae_lightning.data import MNISTDataModule
 from vae_lightning.errors import UserError
-from vae_lightning.module import VAEModule
 from vae_lightning.outputs import describe_disk_error, write_json
 from vae_lightning.results import likelihood_note, report_lines
-from vae_lightning.train import build
-
-
-def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
-    """The module in a vae_lightning checkpoint or the reference notebook's own ``state_dict``
-    (same layer names), and the data protocol it was trained on, from one read of the file. A
-    checkpoint without a protocol (the reference notebook's, or from before protocols existed)
-    was trained on continuous MNIST."""
-    state = load_checkpoint(ckpt)
-    if "state_dict" in state:
-        accepted = inspect.signature(VAEModule.__init__).parameters
-        hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if k in accepted}
-        weights = state["state_dict"]
-    else:  # fc1: (hidden, input), fc_mu: (latent, hidden)
-        weights = {f"model.{k}": v for k, v in state.items()}
-        try:
-            (hidden, inputs), latent = weights["model.fc1.weight"].shape, weights["model.fc_mu.weight"].shape[0]
-        except (KeyError, AttributeError, ValueError):
-            raise UserError(f"{ckpt} is neither a vae_lightning checkpoint nor a VAE state_dict") from None
-        hparams = {"input_dim": inputs, "hidden_dim": hidden, "latent_dim": latent}
-    module = VAEModule(**hparams)
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as err:
-        raise UserError(f"the weights in {ckpt} do not fit the VAE: {str(err).splitlines()[1].strip()}") from None
-    protocol = state.get(MNISTDataModule.__qualname__) if "state_dict" in state else None
-    return module, protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
-
-
-def module_from_checkpoint(ckpt: Path) -> VAEModule:
-    return load_trained(ckpt)[0]
-
-
-def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
-    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
-    today's: weights are evaluated on what they were trained on."""
-    data_cfg = data_cfg.copy()
-    for key in ("dataset", "binarize", "binarize_seed"):
-        if key in protocol:
-            data_cfg[key] = protocol[key]
-    return data_cfg
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

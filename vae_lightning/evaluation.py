@@ -15,8 +15,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import save_image
 
+from vae_lightning.bound import active_units, iw_log_likelihood
 from vae_lightning.callbacks import sigterm_requested
-from vae_lightning.model import VAE, active_units, iw_log_likelihood
+from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import (
@@ -70,7 +71,7 @@ class Evaluation(L.Callback):
             if sigterm_requested(trainer):  # checked between test batches, not in this long hook
                 raise SIGTERMException
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
-            mus.append(model.encode(xb.to(model.fc1.weight.dtype))[0].float())
+            mus.append(model.encode(xb.to(model.dtype))[0].float())
             done += len(xb)
             if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue

@@ -32,8 +32,17 @@ def _float32(t: Tensor) -> str:
     return _b64(t.detach().float().cpu().numpy().astype("<f4"))
 
 
+def page_ops(model: VAE) -> list[dict[str, Any]]:
+    """The decoder's operations for the page's evaluator: each tensor as little-endian float32 with
+    its shape, every other setting as it is."""
+    return [
+        {k: {"shape": list(v.shape), "data": _float32(v)} if isinstance(v, Tensor) else v for k, v in op.items()}
+        for op in model.page_ops()
+    ]
+
+
 def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str]) -> dict[str, Any]:
-    """What the page's decoder and gallery need: the decoder's weights as little-endian float32,
+    """What the page's decoder and gallery need: the decoder's operations with their weights,
     some test images (bytes) with their E[z|x], and the sliders' directions."""
     picks = [int(i) for c in range(len(class_names)) for i in (test_y == c).nonzero()[:GALLERY_PER_CLASS, 0]]
     with torch.no_grad():
@@ -52,9 +61,7 @@ def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[
         caption = f"the {MAX_SLIDERS} leading principal directions of the test set's E[z|x], in standard deviations"
     images = (test_x[picks].float().cpu() * 255).round().to(torch.uint8).numpy()
     return {
-        "input_dim": model.input_dim, "hidden_dim": model.hidden_dim, "latent_dim": d,
-        "fc3_weight": _float32(model.fc3.weight), "fc3_bias": _float32(model.fc3.bias),
-        "fc4_weight": _float32(model.fc4.weight), "fc4_bias": _float32(model.fc4.bias),
+        "input_dim": model.input_dim, "latent_dim": d, "decoder": page_ops(model), "mean": "sigmoid",
         "origin": _float32(origin), "basis": [_float32(b) for b in basis], "basis_names": names,
         "basis_caption": caption, "test_images": _b64(images), "test_means": _float32(mu_all[picks]),
         "test_labels": test_y[picks].tolist(), "class_names": class_names,

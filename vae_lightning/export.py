@@ -13,42 +13,43 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.eval import module_from_checkpoint
 from vae_lightning.model import VAE
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 
 
 class Encoder(nn.Module):
-    """x (n, 784) in [0, 1] -> (mu, logvar) of q(z|x), each (n, latent_dim); only the encoder's layers."""
+    """x (n, input_dim) in [0, 1] -> (mu, logvar) of q(z|x), each (n, latent_dim): the VAE's encoder alone."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.fc1, self.fc_mu, self.fc_logvar = vae.fc1, vae.fc_mu, vae.fc_logvar
+        self.net = vae.encoder
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return VAE.encode(self, x)  # the VAE's own code, on these layers (the same names)
+        return self.net(x)
 
 
 class Decoder(nn.Module):
-    """z (n, latent_dim) -> pixel probabilities (n, 784); only the decoder's layers."""
+    """z (n, latent_dim) -> pixel probabilities (n, input_dim): the VAE's decoder alone, with the
+    likelihood's mean."""
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.fc3, self.fc4 = vae.fc3, vae.fc4
+        self.net = vae.decoder
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(VAE.decode_logits(self, z))
+        return torch.sigmoid(self.net(z))
 
 
 def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
-    """Write ``encoder.<ext>`` and ``decoder.<ext>`` (and ``vae.json``: the sizes) into ``out``."""
+    """Write ``encoder.<ext>`` and ``decoder.<ext>`` (and ``vae.json``: the VAE's settings) into ``out``."""
     vae = vae.float().cpu().eval()
     out.mkdir(parents=True, exist_ok=True)
-    sizes = {"input_dim": vae.input_dim, "hidden_dim": vae.hidden_dim, "latent_dim": vae.latent_dim}
-    (out / "vae.json").write_text(json.dumps(sizes, indent=2) + "\n")
+    settings = vae.settings  # the net by name and its sizes: enough to build the VAE again
+    (out / "vae.json").write_text(json.dumps(settings, indent=2) + "\n")
     parts = {
         "encoder": (Encoder(vae), torch.rand(2, vae.input_dim), ["x"], ["mu", "logvar"]),
         "decoder": (Decoder(vae), torch.randn(2, vae.latent_dim), ["z"], ["x"]),
@@ -72,7 +73,7 @@ def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
 
             path = out / f"{name}.safetensors"
             weights = {k: v.contiguous() for k, v in module.state_dict().items()}
-            save_file(weights, str(path), metadata={k: str(v) for k, v in sizes.items()})
+            save_file(weights, str(path), metadata={"vae": json.dumps(settings)})
         written.append(path)
     return written
 

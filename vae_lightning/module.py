@@ -7,14 +7,17 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from vae_lightning.model import VAE, elbo_terms, iwae_terms
+from vae_lightning.model import VAE, vae_settings_from_hparams
 from vae_lightning.names import STAGES, TERMS, metric
+from vae_lightning.objectives import elbo_terms, iwae_terms
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 # the test pass draws its z from its own generator with this seed: the same weights get the same
 # test loss in every run and in ``vae_lightning.eval``
 TEST_NOISE_SEED = 0
 OBJECTIVES = ("elbo", "iwae")
+# the module's own settings (the VAE's are ``VAE.settings``); a checkpoint keeps both
+TRAINING_KEYS = ("lr", "fused_adam", "objective", "beta", "kl_warmup_epochs", "k")
 
 
 class PerImageMean(Metric):
@@ -58,12 +61,8 @@ class VAEModule(L.LightningModule):
 
     def __init__(
         self,
-        input_dim: int = 784,
-        hidden_dim: int = 400,
-        latent_dim: int = 20,
+        vae: VAE,
         lr: float = 1e-3,
-        init: str = "default",
-        init_std: float = 0.01,
         fused_adam: bool | None = None,
         objective: str = "elbo",
         beta: float = 1.0,
@@ -73,16 +72,34 @@ class VAEModule(L.LightningModule):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"model.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if k < 1:
-            raise ValueError(f"model.k={k}: the number of importance samples must be at least 1")
-        if beta < 0 or kl_warmup_epochs < 0:
-            raise ValueError(f"model.beta={beta} and model.kl_warmup_epochs={kl_warmup_epochs} must be >= 0")
         if objective == "iwae" and (beta != 1 or kl_warmup_epochs):
             raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
-        self.save_hyperparameters()
-        self.model = VAE(input_dim, hidden_dim, latent_dim, init, init_std)
+        self.save_hyperparameters(ignore=["vae"])
+        self.hparams["vae"] = vae.settings  # plain data: a checkpoint rebuilds its model from it, by name
+        self.model = vae
         self.means = nn.ModuleDict({f"{stage}_{term}": PerImageMean() for stage in STAGES for term in TERMS})
         self._logged_this_epoch: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_settings(
+        cls,
+        net: dict | None = None,
+        input_dim: int = 784,
+        latent_dim: int = 20,
+        init: str = "default",
+        init_std: float = 0.01,
+        **training: object,
+    ) -> VAEModule:
+        """The module of ``conf/model/*.yaml``: the VAE built from its settings (``model.VAE``),
+        handed to the module with the training settings."""
+        return cls(VAE(net, input_dim, latent_dim, init, init_std), **training)
+
+    @classmethod
+    def from_hparams(cls, hparams: dict) -> VAEModule:
+        """The module a checkpoint's ``hyper_parameters`` describe (its VAE built again from plain
+        settings; checkpoints from before nets were parts included)."""
+        training = {k: hparams[k] for k in TRAINING_KEYS if k in hparams}
+        return cls(VAE(**vae_settings_from_hparams(hparams)), **training)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the reparameterisation noise is part of the run: a resumed run draws what an

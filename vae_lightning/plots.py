@@ -66,8 +66,8 @@ def loss_curves(
 
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, n: int, nrow: int, seed: int) -> torch.Tensor:
-    """Decoded N(0, I) draws as an image grid; the same seed gives the same z on any device."""
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    """Decoded draws from the prior as an image grid; the same seed gives the same z on any device."""
+    z = model.sample_z(n, torch.Generator().manual_seed(seed))
     was_training = model.training
     model.eval()
     images = _digits(model, z)

@@ -9,11 +9,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from vae_lightning.building import build, load_trained, trained_data
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.eval import load_trained, trained_data
 from vae_lightning.explorer import write_report
-from vae_lightning.train import build
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
+from vae_lightning.nets import net_label
 from vae_lightning.outputs import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
     """The settings a sweep varies, flat, for TensorBoard's HPARAMS view."""
     return {
         "latent_dim": cfg.model.latent_dim,
-        "hidden_dim": cfg.model.hidden_dim,
+        "net": net_label(cfg.model.net),
         "lr": cfg.model.lr,
         "init": cfg.model.init,
         "objective": cfg.model.get("objective", "elbo"),

@@ -14,11 +14,14 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from vae_lightning.checkpoints import find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
+from vae_lightning.model import vae_settings_from_hparams
+from vae_lightning.module import TRAINING_KEYS
+from vae_lightning.nets import net_label, net_settings
 from vae_lightning.outputs import CHOSEN_RUN_DIRS, named_by_user, read_json
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
-# (the learning rate is part of Adam's restored state)
-MODEL_KEYS = ("input_dim", "hidden_dim", "latent_dim", "lr", "objective", "beta", "kl_warmup_epochs", "k")
+# (the learning rate is part of Adam's restored state); fused_adam and init change nothing that is saved
+CHECKED_TRAINING_KEYS = tuple(k for k in TRAINING_KEYS if k != "fused_adam")
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,24 @@ def plan_resume(ckpt_path: str | None, output_dir: str | Path, max_epochs: int, 
 def check_same_model(ckpt: Path, model_cfg: DictConfig) -> None:
     """Refuse to continue a checkpoint with other model settings, in one line."""
     saved = load_checkpoint(ckpt).get("hyper_parameters", {})
+    saved_vae = vae_settings_from_hparams(saved)
+    now = {"net": net_settings(model_cfg.net), "input_dim": model_cfg.input_dim, "latent_dim": model_cfg.latent_dim}
+    now.update({key: model_cfg[key] for key in CHECKED_TRAINING_KEYS if key in model_cfg})
+    was = {**{key: saved_vae.get(key) for key in ("net", "input_dim", "latent_dim")}, **saved}
     differ = [
-        f"model.{key}={model_cfg[key]} (the checkpoint has {saved[key]})"
-        for key in MODEL_KEYS
-        if key in saved and key in model_cfg and saved[key] != model_cfg[key]
+        f"model.{key}={_shown(now[key])} (the checkpoint has {_shown(was[key])})"
+        for key in now
+        if key in was and was[key] != now[key]
     ]
     if differ:
         raise UserError(
             f"{ckpt} was trained with other settings: {', '.join(differ)}; continue it with the same "
             "model.* values, or start a new run without ckpt_path"
         )
+
+
+def _shown(value: Any) -> str:
+    return net_label(value) if isinstance(value, dict) and "name" in value else str(value)
 
 
 def changed_data_settings(cfg: DictConfig, run_dir: Path) -> str:

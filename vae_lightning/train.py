@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -11,17 +10,15 @@ import traceback
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from vae_lightning.building import build_run
 from vae_lightning.callbacks import sigterm_requested
 from vae_lightning.checkpoints import saved_progress
-from vae_lightning.checks import check_hardware, check_new_keys, validate_config
+from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
 from vae_lightning.launch import (
@@ -29,44 +26,12 @@ from vae_lightning.launch import (
     hand_ddp_this_job_alone,
     processes,
     route_lightning_logs,
-    skip_nvml_probe_without_gpu,
 )
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
 from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
 
 log = logging.getLogger(__name__)
-
-
-def build(node: DictConfig, what: str, **kwargs):
-    """Instantiate one config node; a bad value ends in one line naming the group."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__ or err
-        if isinstance(cause, UserError):
-            raise cause from None
-        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-        raise UserError(f"cannot build the {what} from the config: {message}; check the {what}.* overrides") from err
-
-
-def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
-    """Check the config, seed everything and build (datamodule, module, trainer)."""
-    validate_config(cfg)
-    check_hardware(cfg.trainer)
-    skip_nvml_probe_without_gpu()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = build(cfg.data, "data")
-    if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first
-        datamodule.prepare_data()
-    module = build(cfg.model, "model")
-    callbacks = [build(node, "callbacks") for node in cfg.get("callbacks", {}).values()]
-    if cfg.get("test") and cfg.eval.k > 0:
-        callbacks.append(build(cfg.eval, "eval"))
-    loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
-    callbacks += extra_callbacks or []
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
-    return datamodule, module, trainer
 
 
 def train(cfg: DictConfig) -> dict:

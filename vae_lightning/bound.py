@@ -1,0 +1,90 @@
+"""The test-time numbers of trained weights: the importance-weighted bound on log p(x) and the
+active units, from the VAE's methods only."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vae_lightning.likelihoods import bce_from_logits, sum_log_sigmoid_
+from vae_lightning.model import VAE
+
+
+def active_units(mu: Tensor, threshold: float = 0.01) -> int:
+    """Latent dimensions whose posterior mean E[z|x] varies across the data by more than
+    ``threshold`` (Burda et al. 2015); ``mu`` is (images, latent_dim)."""
+    return int((mu.double().var(dim=0) > threshold).sum())
+
+
+@torch.no_grad()
+def iw_log_likelihood(
+    model: VAE, x: Tensor, k: int, chunk_rows: int = 32768, generator: torch.Generator | None = None
+) -> Tensor:
+    """Per-image importance-weighted bound log (1/k sum_i p(x, z_i) / q(z_i | x)), z_i ~ q(z | x),
+    in float64 (Burda et al. 2015). k = 1 is the ELBO in expectation; it tightens as k grows.
+
+    Memory stays bounded whatever k: samples are drawn ``chunk_rows // len(x)`` at a time and
+    folded into a running log-sum-exp. The decoder's sums run in fp32 whatever the weights' dtype.
+    Decoders whose logits are linear in a last hidden layer (every MLP) take the fast path
+    (``_log_px_linear_head``); any other net the generic one. Both draw the same z.
+    """
+    mu, logvar = (t.float() for t in model.encode(x.to(model.dtype)))
+    std = torch.exp(0.5 * logvar)
+    n, d = mu.shape
+    x = x.float()
+    head = model.linear_head()
+    log_px = _log_px_linear_head(model, x, head) if head is not None else _log_px_generic(model, x)
+    log_norm = 0.5 * d * math.log(2 * math.pi)
+    log_q_const = -0.5 * logvar.sum(-1) - log_norm  # log q(z|x) = this - |eps|^2 / 2
+    running = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
+    per_chunk = max(1, chunk_rows // n)
+    for start in range(0, k, per_chunk):
+        kc = min(per_chunk, k - start)
+        eps = torch.randn(kc, n, d, device=x.device, generator=generator)
+        z = mu + std * eps
+        log_pz = model.log_prior(z)
+        log_qz = log_q_const - 0.5 * eps.pow(2).sum(-1)
+        log_w = (log_px(z) + log_pz - log_qz).double()  # (kc, n)
+        running = torch.logaddexp(running, torch.logsumexp(log_w, dim=0))
+    return running - math.log(k)
+
+
+def _log_px_generic(model: VAE, x: Tensor):
+    """log p(x | z) for z (kc, n, d), by the decoder's logits and the Bernoulli likelihood."""
+    dtype = model.dtype
+
+    def log_px(z: Tensor) -> Tensor:
+        return -bce_from_logits(model.decode_logits(z.to(dtype)).float(), x)
+
+    return log_px
+
+
+def _log_px_linear_head(model: VAE, x: Tensor, head):
+    """log p(x | z) when logits l = W h + b for the decoder's last hidden layer h: written for
+    speed, since the GEMMs are the only work that has to remain (docs/performance.md).
+    log p(x | z) = sum_j x_j l_j - softplus(l_j), and softplus(l) = (l + |l|) / 2 - log sigmoid(|l|),
+    so everything linear in l is a product with h, never a k x pixels pass:
+    sum_j (x_j - 1/2) l_j = h . W^T (x - 1/2) + b . (x - 1/2). What is left per logit is |l| and
+    ``sum_log_sigmoid_``, in place. The buffers are reused across chunks because fresh 100 MB
+    tensors cost page faults every time."""
+    features, weight, bias = head
+    dtype = model.dtype
+    w, b = weight.float(), bias.float()
+    n = len(x)
+    h_coef = x @ w - 0.5 * w.sum(0)  # (n, hidden)
+    b_coef = x @ b - 0.5 * b.sum()  # (n,)
+    buffers: dict[str, Tensor] = {}
+
+    def log_px(z: Tensor) -> Tensor:
+        kc, rows = z.shape[0], z.shape[0] * n
+        h = features(z.reshape(rows, -1).to(dtype)).float()
+        if "logits" not in buffers or buffers["logits"].shape[0] < rows:
+            buffers["logits"] = torch.empty(rows, w.shape[0], device=x.device)
+        l_abs = torch.addmm(b, h, w.t(), out=buffers["logits"][:rows]).abs_()
+        linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
+        half_abs = 0.5 * l_abs.sum(-1).view(kc, n)
+        return linear_part - half_abs + sum_log_sigmoid_(l_abs).view(kc, n)
+
+    return log_px

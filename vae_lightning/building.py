@@ -1,0 +1,96 @@
+"""What the entry points share: building a run's parts from the config, and the trained module
+(with the protocol it was trained on) from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from vae_lightning.checkpoints import load_checkpoint
+from vae_lightning.checks import check_hardware, validate_config
+from vae_lightning.data import MNISTDataModule
+from vae_lightning.errors import UserError
+from vae_lightning.launch import skip_nvml_probe_without_gpu
+from vae_lightning.module import VAEModule
+
+
+def build(node: DictConfig, what: str, **kwargs):
+    """Instantiate one config node; a bad value ends in one line naming the group."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, UserError):
+            raise cause from None
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"cannot build the {what} from the config: {message}; check the {what}.* overrides") from err
+
+
+def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
+    """Check the config, seed everything and build (datamodule, module, trainer)."""
+    validate_config(cfg)
+    check_hardware(cfg.trainer)
+    skip_nvml_probe_without_gpu()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build(cfg.data, "data")
+    if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first
+        datamodule.prepare_data()
+    module = build(cfg.model, "model")
+    callbacks = [build(node, "callbacks") for node in cfg.get("callbacks", {}).values()]
+    if cfg.get("test") and cfg.eval.k > 0:
+        callbacks.append(build(cfg.eval, "eval"))
+    loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
+    callbacks += extra_callbacks or []
+    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    return datamodule, module, trainer
+
+
+def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
+    """The module in a vae_lightning checkpoint or the reference notebook's own ``state_dict``
+    (same layer names), and the data protocol it was trained on, from one read of the file. A
+    checkpoint without a protocol (the reference notebook's, or from before protocols existed)
+    was trained on continuous MNIST."""
+    state = load_checkpoint(ckpt)
+    if not isinstance(state, dict):
+        raise UserError(f"{ckpt} holds a {type(state).__name__}, not a checkpoint; pass a vae_lightning checkpoint")
+    if "state_dict" in state:
+        hparams, weights = state.get("hyper_parameters"), state["state_dict"]
+        if not isinstance(hparams, dict) or not isinstance(weights, dict):
+            raise UserError(f"{ckpt} is not a vae_lightning checkpoint (no model settings); pass one written by train")
+    else:  # the reference notebook's state_dict: fc1 (hidden, input), fc_mu (latent, hidden)
+        weights = {f"model.{k}": v for k, v in state.items()}
+        try:
+            (hidden, inputs), latent = weights["model.fc1.weight"].shape, weights["model.fc_mu.weight"].shape[0]
+        except (KeyError, AttributeError, ValueError):
+            raise UserError(f"{ckpt} is neither a vae_lightning checkpoint nor a VAE state_dict") from None
+        hparams = {"input_dim": inputs, "hidden_dim": hidden, "latent_dim": latent}
+    try:
+        module = VAEModule.from_hparams(hparams)
+    except (ValueError, TypeError) as err:  # settings no net of this project has
+        raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"the weights in {ckpt} do not fit the VAE: {str(err).splitlines()[1].strip()}") from None
+    protocol = state.get(MNISTDataModule.__qualname__) if "state_dict" in state else None
+    return module, protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
+
+
+def module_from_checkpoint(ckpt: Path) -> VAEModule:
+    return load_trained(ckpt)[0]
+
+
+def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
+    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
+    today's: weights are evaluated on what they were trained on."""
+    data_cfg = data_cfg.copy()
+    for key in ("dataset", "binarize", "binarize_seed"):
+        if key in protocol:
+            data_cfg[key] = protocol[key]
+    return data_cfg

@@ -1,0 +1,189 @@
+"""Encoder and decoder nets, each a part the VAE is assembled from (``model/net=...``).
+
+An encoder maps images (n, input_dim) in [0, 1] to q(z|x)'s (mu, logvar), each (n, latent_dim); a
+decoder maps z (n, latent_dim) to one logit per pixel (n, input_dim). A decoder also lists its
+operations as plain data (``page_ops``), so that the report's in-page decoder can run it.
+
+Nets are chosen by name (``NETS``), never by an import path: a checkpoint names its net, and a
+file must not be able to name code to run. Adding a net is one class pair here and one config in
+``conf/model/net/`` (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+def _activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"model.net.activation={name!r} is not one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLPEncoder(nn.Module):
+    """input_dim -> hidden... (activation) -> (mu, logvar). With ``hidden=[400]`` and ReLU it is the
+    reference notebook's encoder, with its layer names: fc1, fc_mu, fc_logvar."""
+
+    def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"):
+        super().__init__()
+        self.act, self.names = _activation(activation), [f"fc{i + 1}" for i in range(len(hidden))]
+        sizes = [input_dim, *hidden]
+        for name, n_in, n_out in zip(self.names, sizes, sizes[1:], strict=False):
+            self.add_module(name, nn.Linear(n_in, n_out))
+        self.fc_mu = nn.Linear(sizes[-1], latent_dim)
+        self.fc_logvar = nn.Linear(sizes[-1], latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = x
+        for name in self.names:
+            h = self.act(getattr(self, name)(h))
+        return self.fc_mu(h), self.fc_logvar(h)
+
+
+class MLPDecoder(nn.Module):
+    """latent_dim -> hidden... (activation) -> input_dim logits. Layer numbers continue the
+    encoder's (fc2 being the mu/logvar pair), so ``hidden=[400]`` is the notebook's fc3, fc4."""
+
+    def __init__(self, input_dim: int, latent_dim: int, hidden: Sequence[int] = (400,), activation: str = "relu"):
+        super().__init__()
+        self.activation, self.act = activation, _activation(activation)
+        first = len(hidden) + 2
+        self.names = [f"fc{first + i}" for i in range(len(hidden))]
+        sizes = [latent_dim, *reversed(list(hidden))]
+        for name, n_in, n_out in zip(self.names, sizes, sizes[1:], strict=False):
+            self.add_module(name, nn.Linear(n_in, n_out))
+        self.out_name = f"fc{first + len(hidden)}"
+        self.add_module(self.out_name, nn.Linear(sizes[-1], input_dim))
+
+    def features(self, z: Tensor) -> Tensor:
+        """The last hidden layer; the logits are linear in it (``output_layer``)."""
+        for name in self.names:
+            z = self.act(getattr(self, name)(z))
+        return z
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return getattr(self, self.out_name)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.output_layer(self.features(z))
+
+    def page_ops(self) -> list[dict[str, Any]]:
+        ops: list[dict[str, Any]] = []
+        for name in self.names:
+            ops += [_linear_op(getattr(self, name)), {"op": self.activation}]
+        return [*ops, _linear_op(self.output_layer)]
+
+
+class ConvEncoder(nn.Module):
+    """A 28x28 image -> conv 4x4 stride 2 (channels[0]) -> conv 4x4 stride 2 (channels[1]), ReLU
+    -> (mu, logvar) by two linear maps from the 7x7 feature map: the common small convolutional
+    VAE encoder (e.g. pytorch/examples' DCGAN discriminator, halved)."""
+
+    def __init__(self, input_dim: int, latent_dim: int, channels: Sequence[int] = (32, 64)):
+        super().__init__()
+        self.side = math.isqrt(input_dim)
+        if self.side**2 != input_dim or self.side % 4:
+            raise ValueError(f"model.net=conv needs square images with a side divisible by 4, not {input_dim} pixels")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(1, c1, 4, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 4, stride=2, padding=1)
+        flat = c2 * (self.side // 4) ** 2
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_logvar = nn.Linear(flat, latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = x.reshape(-1, 1, self.side, self.side)
+        h = torch.relu(self.conv2(torch.relu(self.conv1(h)))).flatten(1)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+
+class ConvDecoder(nn.Module):
+    """The encoder mirrored: z -> linear to channels[1] x 7 x 7, ReLU -> transposed conv 4x4 stride 2
+    (channels[0]), ReLU -> transposed conv 4x4 stride 2 -> 28x28 logits."""
+
+    def __init__(self, input_dim: int, latent_dim: int, channels: Sequence[int] = (32, 64)):
+        super().__init__()
+        self.side = math.isqrt(input_dim)
+        c1, c2 = channels
+        self.grid = (c2, self.side // 4, self.side // 4)
+        self.fc = nn.Linear(latent_dim, math.prod(self.grid))
+        self.deconv1 = nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1)
+        self.deconv2 = nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = torch.relu(self.fc(z)).view(-1, *self.grid)
+        h = self.deconv2(torch.relu(self.deconv1(h)))
+        return h.flatten(1)
+
+    def page_ops(self) -> list[dict[str, Any]]:
+        return [
+            _linear_op(self.fc), {"op": "relu"}, {"op": "reshape", "shape": list(self.grid)},
+            _deconv_op(self.deconv1), {"op": "relu"}, _deconv_op(self.deconv2),
+        ]  # fmt: skip
+
+
+def _linear_op(layer: nn.Linear) -> dict[str, Any]:
+    return {"op": "linear", "weight": layer.weight, "bias": layer.bias}
+
+
+def _deconv_op(layer: nn.ConvTranspose2d) -> dict[str, Any]:
+    return {"op": "conv_transpose2d", "weight": layer.weight, "bias": layer.bias,
+            "stride": layer.stride[0], "padding": layer.padding[0]}  # fmt: skip
+
+
+# name -> (encoder, decoder, the settings both take besides input_dim and latent_dim, with defaults)
+NETS: dict[str, tuple[type[nn.Module], type[nn.Module], dict[str, Any]]] = {
+    "mlp": (MLPEncoder, MLPDecoder, {"hidden": [400], "activation": "relu"}),
+    "conv": (ConvEncoder, ConvDecoder, {"channels": [32, 64]}),
+}
+
+
+def net_settings(net: dict[str, Any]) -> dict[str, Any]:
+    """``net`` as plain, checked data: its name and every setting of that net (defaults filled in).
+    What a checkpoint stores and what ``build_nets`` takes; a bad name or setting is one line."""
+    net = dict(net)
+    name = net.pop("name", "mlp")
+    if name not in NETS:
+        raise ValueError(f"model.net.name={name!r} is not one of {', '.join(NETS)}")
+    defaults = NETS[name][2]
+    unknown = sorted(set(net) - set(defaults))
+    if unknown:
+        raise ValueError(f"model.net.{unknown[0]} is not a setting of the {name} net (it takes {', '.join(defaults)})")
+    settings = {**defaults, **net}
+    for key in ("hidden", "channels"):
+        if key in settings:
+            sizes = settings[key]
+            if isinstance(sizes, str | bytes) or not isinstance(sizes, Sequence) or not sizes:
+                raise ValueError(f"model.net.{key}={sizes!r} must be a list of layer sizes")
+            if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
+                raise ValueError(f"model.net.{key}={list(sizes)!r}: every size must be an integer >= 1")
+            settings[key] = [int(s) for s in sizes]
+    if name == "conv" and len(settings["channels"]) != 2:
+        raise ValueError(f"model.net.channels={settings['channels']}: the conv net has two layers, give two sizes")
+    if "activation" in settings:
+        _activation(settings["activation"])
+    return {"name": name, **settings}
+
+
+def net_label(net: dict[str, Any]) -> str:
+    """A net in a few words, for tables and TensorBoard: ``mlp 400 relu``, ``conv 32-64``."""
+    settings = net_settings(net)
+    sizes = settings.get("hidden", settings.get("channels", []))
+    return " ".join(
+        [settings["name"], "-".join(map(str, sizes)), *([settings["activation"]] if "activation" in settings else [])]
+    )
+
+
+def build_nets(net: dict[str, Any], input_dim: int, latent_dim: int) -> tuple[nn.Module, nn.Module]:
+    """The (encoder, decoder) pair that ``net`` names, built encoder first."""
+    settings = net_settings(net)
+    encoder_cls, decoder_cls, _ = NETS[settings.pop("name")]
+    return encoder_cls(input_dim, latent_dim, **settings), decoder_cls(input_dim, latent_dim, **settings)
