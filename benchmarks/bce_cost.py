@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import vae_lightning.model as model_module
+import vae_lightning.objectives as objectives
 from vae_lightning.data import default_data_dir, ensure_dataset, load_split
 
-PROJECT_BCE = model_module.bce_from_logits
+PROJECT_BCE = objectives.bce_from_logits
 
 
 def library_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,7 @@ def bce_ms(bce, logits: torch.Tensor, x: torch.Tensor) -> float:
 
 def step_ms(bce, images: torch.Tensor, steps: int = 150) -> float:
     """Milliseconds per bare training step with ``bce`` as the model's BCE."""
-    model_module.bce_from_logits = bce  # elbo_terms looks it up at call time
+    objectives.bce_from_logits = bce  # elbo_terms looks it up at call time
     try:
         torch.manual_seed(0)
         vae = model_module.VAE()
@@ -43,13 +44,13 @@ def step_ms(bce, images: torch.Tensor, steps: int = 150) -> float:
         order = torch.randperm(len(images))
         start = time.perf_counter()
         for i in range(0, 128 * steps, 128):
-            bce_sum, kl = model_module.elbo_terms(vae, images[order[i : i + 128]])
+            bce_sum, kl = objectives.elbo_terms(vae, images[order[i : i + 128]])
             optimizer.zero_grad()
             (bce_sum.sum() + kl.sum()).backward()
             optimizer.step()
         return (time.perf_counter() - start) / steps * 1e3
     finally:
-        model_module.bce_from_logits = PROJECT_BCE
+        objectives.bce_from_logits = PROJECT_BCE
 
 
 def main() -> None:

@@ -38,11 +38,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from vae_lightning.bound import iw_log_likelihood
+from vae_lightning.building import build_run
 from vae_lightning.data import default_data_dir, ensure_dataset, load_split, tensor_loader
 from vae_lightning.errors import DataError
 from vae_lightning.launch import skip_nvml_probe_without_gpu
-from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood
-from vae_lightning.train import build_run
+from vae_lightning.model import VAE
+from vae_lightning.objectives import elbo_terms
 
 REPO = Path(__file__).resolve().parents[1]
 

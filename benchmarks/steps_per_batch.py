@@ -21,10 +21,10 @@ from epoch_speed import EpochTimer, bare_loop_epochs
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from vae_lightning.building import build_run
 from vae_lightning.callbacks import TrainingHistory
 from vae_lightning.data import default_data_dir, ensure_dataset
 from vae_lightning.module import VAEModule
-from vae_lightning.train import build_run
 
 REPO_CONF = str(Path(__file__).resolve().parents[1] / "conf")
 BATCH = 128

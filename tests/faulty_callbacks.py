@@ -24,7 +24,7 @@ class PoisonOnRank(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_rank == self.rank and trainer.global_step + 1 == self.step:
-            pl_module.model.fc_logvar.bias.data.fill_(1e4)
+            pl_module.model.encoder.fc_logvar.bias.data.fill_(1e4)
 
 
 class RaiseInTest(L.Callback):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import run_cli
 
+from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.eval import module_from_checkpoint
 from vae_lightning.model import VAE
 from vae_lightning.module import VAEModule
 
@@ -46,10 +46,11 @@ def test_a_checkpoint_holding_code_is_refused_before_it_runs(tmp_path):
 
 def test_our_own_checkpoints_load_safely(tmp_path):
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    module = VAEModule(latent_dim=3)
+    module = VAEModule.from_settings(latent_dim=3)
     AtomicCheckpointIO().save_checkpoint({"state_dict": module.state_dict(), "epoch": 4}, ckpt)
     loaded = load_checkpoint(ckpt)
-    assert loaded["epoch"] == 4 and torch.equal(loaded["state_dict"]["model.fc_mu.bias"], module.model.fc_mu.bias)
+    assert loaded["epoch"] == 4
+    assert torch.equal(loaded["state_dict"]["model.fc_mu.bias"], module.model.encoder.fc_mu.bias)
     assert find_checkpoint(tmp_path, "last") == ckpt.resolve() == find_checkpoint(tmp_path, "best")
 
 
@@ -82,11 +83,11 @@ def test_a_checkpoint_damaged_on_disk_is_refused(tmp_path):
 
 
 def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):
-    reference = VAE(hidden_dim=50, latent_dim=3)  # its layer names are ours
+    reference = VAE({"hidden": [50]}, latent_dim=3)  # its layer names are ours
     path = tmp_path / "vae.pth"
     torch.save(reference.state_dict(), path)
     module = module_from_checkpoint(path)
-    assert (module.model.hidden_dim, module.model.latent_dim) == (50, 3)
+    assert module.model.settings["net"]["hidden"] == [50] and module.model.latent_dim == 3
     for key, value in reference.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
     torch.save({"something": torch.zeros(3)}, path)

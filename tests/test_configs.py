@@ -8,11 +8,11 @@ import torch
 from helpers import CONF_DIR, compose_config, compose_train
 from omegaconf import OmegaConf
 
+from vae_lightning.building import build
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.evaluation import Evaluation
 from vae_lightning.launch import skip_nvml_probe_without_gpu
-from vae_lightning.train import build
 
 
 def options(group: str) -> list[str]:
@@ -21,7 +21,8 @@ def options(group: str) -> list[str]:
 
 def test_defaults_are_the_reference_notebook_run(tmp_path):
     cfg = compose_train(tmp_path)
-    assert cfg.model.hidden_dim == 400 and cfg.model.latent_dim == 20 and cfg.model.lr == 1e-3
+    assert cfg.model.net == {"name": "mlp", "hidden": [400], "activation": "relu"}
+    assert cfg.model.latent_dim == 20 and cfg.model.lr == 1e-3
     assert cfg.data.batch_size == 128 and cfg.trainer.max_epochs == 100
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.log_every_n_steps == 1
     assert cfg.model.init == "default" and cfg.seed == 0

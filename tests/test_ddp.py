@@ -8,10 +8,10 @@ import pytest
 import torch
 from helpers import REPO, brief_run, compose_train, epoch_rows, load_checkpoint, run_cli
 
+from vae_lightning.building import build
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.launch import processes
 from vae_lightning.module import VAEModule
-from vae_lightning.train import build
 
 
 @pytest.mark.slow

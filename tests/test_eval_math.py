@@ -7,14 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from vae_lightning.model import VAE, active_units, elbo_terms, iw_log_likelihood
+from vae_lightning.bound import active_units, iw_log_likelihood
+from vae_lightning.model import VAE
+from vae_lightning.objectives import elbo_terms
 from vae_lightning.plots import latent_scatter
 
 
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    model = VAE(hidden_dim=16, latent_dim=3)
+    model = VAE({"hidden": [16]}, latent_dim=3)
     x = torch.rand(6, 784).round()
     return model, x
 
@@ -55,9 +57,9 @@ def test_bound_is_the_textbook_formula_in_float64():
     terms through the hidden layer) against the definition, term by term in float64, on the
     same draws; logits up to about +-60 and both binary and continuous pixels."""
     torch.manual_seed(0)
-    model = VAE(hidden_dim=64, latent_dim=5)
+    model = VAE({"hidden": [64]}, latent_dim=5)
     with torch.no_grad():
-        model.fc4.weight.mul_(20.0)
+        model.decoder.fc4.weight.mul_(20.0)
     x = torch.cat([torch.rand(4, 784).round(), torch.rand(4, 784)])
     k = 200
     fast = iw_log_likelihood(model, x, k, chunk_rows=10**6, generator=torch.Generator().manual_seed(3))
@@ -78,13 +80,13 @@ def test_bound_is_the_textbook_formula_in_float64():
 
 def prior_posterior_constant_decoder(logit: float) -> VAE:
     """q(z|x) = N(0, I) = p(z) for every x, and every pixel's logit is ``logit`` whatever z."""
-    model = VAE(hidden_dim=8, latent_dim=2)
+    model = VAE({"hidden": [8]}, latent_dim=2)
     with torch.no_grad():
-        for layer in (model.fc_mu, model.fc_logvar, model.fc3):
+        for layer in (model.encoder.fc_mu, model.encoder.fc_logvar, model.decoder.fc3):
             layer.weight.zero_()
             layer.bias.zero_()
-        model.fc4.weight.zero_()
-        model.fc4.bias.fill_(logit)
+        model.decoder.fc4.weight.zero_()
+        model.decoder.fc4.bias.fill_(logit)
     return model
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import run_cli
 
+from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
-from vae_lightning.eval import module_from_checkpoint
 from vae_lightning.export import export
 from vae_lightning.model import VAE
 
@@ -16,7 +16,7 @@ from vae_lightning.model import VAE
 @pytest.fixture
 def vae() -> VAE:
     torch.manual_seed(0)
-    return VAE(hidden_dim=64, latent_dim=5).eval()
+    return VAE({"hidden": [64]}, latent_dim=5).eval()
 
 
 def inputs(vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:

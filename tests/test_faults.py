@@ -31,10 +31,10 @@ from helpers import (
     wait_until,
 )
 
+from vae_lightning.building import build_run
 from vae_lightning.checkpoints import AtomicCheckpointIO
 from vae_lightning.data import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError, DivergenceError
-from vae_lightning.train import build_run
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ class PoisonAtEpoch(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 == self.epoch:
             with torch.no_grad():
-                pl_module.model.fc_logvar.bias.fill_(1e4)
+                pl_module.model.encoder.fc_logvar.bias.fill_(1e4)
 
 
 @pytest.mark.slow

@@ -5,7 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae_lightning.model import VAE, bce_from_logits, elbo_terms, init_weights, kl_divergence
+from vae_lightning.likelihoods import bce_from_logits
+from vae_lightning.model import VAE, init_weights
+from vae_lightning.objectives import elbo_terms
+from vae_lightning.priors import kl_divergence
 
 
 class ReferenceVAE(nn.Module):
@@ -45,9 +48,9 @@ def test_layer_names_and_shapes():
 
 
 def test_sizes_are_configurable():
-    model = VAE(hidden_dim=64, latent_dim=2)
+    model = VAE({"hidden": [64]}, latent_dim=2)
     recon, mu, _ = model(torch.rand(3, 784))
-    assert mu.shape == (3, 2) and recon.shape == (3, 784) and model.fc1.out_features == 64
+    assert mu.shape == (3, 2) and recon.shape == (3, 784) and model.encoder.fc1.out_features == 64
 
 
 def test_reference_notebook_state_dict_round_trip():
@@ -158,11 +161,11 @@ def test_reparameterization_has_the_right_moments():
 def test_gaussian_inits(scheme):
     torch.manual_seed(0)
     model = VAE(init=scheme, init_std=0.01)
-    w = model.fc1.weight
+    w = model.encoder.fc1.weight
     expected = math.sqrt(2.0 / (784 + 400)) if scheme == "xavier_normal" else 0.01
     assert w.std().item() == pytest.approx(expected, rel=0.02)
     assert abs(w.mean().item()) < expected / 20
-    assert torch.count_nonzero(model.fc1.bias) == 0
+    assert torch.count_nonzero(model.encoder.fc1.bias) == 0
 
 
 def test_unknown_init_is_rejected():

@@ -4,8 +4,10 @@ import torch
 from torchmetrics import MeanMetric
 
 from vae_lightning.data import tensor_loader
-from vae_lightning.model import VAE, bce_from_logits, kl_divergence
+from vae_lightning.likelihoods import bce_from_logits
+from vae_lightning.model import VAE
 from vae_lightning.module import PerImageMean, VAEModule
+from vae_lightning.priors import kl_divergence
 
 
 def _trainer() -> L.Trainer:
@@ -22,7 +24,7 @@ def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
     monkeypatch.setattr(VAE, "reparameterize", staticmethod(lambda mu, logvar, generator=None: mu))
     x = torch.rand(300, 784).round()
     x[:128] *= 0.1  # make batch means differ, so an unweighted mean would be visibly off
-    module = VAEModule(hidden_dim=32, latent_dim=4)
+    module = VAEModule.from_settings({"hidden": [32]}, latent_dim=4)
     loader = tensor_loader(x, 128, False, 0, 0, 1)
     result = _trainer().validate(module, dataloaders=loader, verbose=False)[0]
     with torch.no_grad():
@@ -49,7 +51,7 @@ def test_per_image_mean_gives_torchmetrics_mean_to_the_bit():
 
 def test_training_backpropagates_the_summed_loss_with_adam():
     torch.manual_seed(0)
-    module = VAEModule(hidden_dim=32, latent_dim=4, lr=1e-3)
+    module = VAEModule.from_settings({"hidden": [32]}, latent_dim=4, lr=1e-3)
     x = torch.rand(256, 784)
     trainer = _trainer()
     trainer.fit(module, train_dataloaders=tensor_loader(x, 128, True, 0, 0, 1))
@@ -71,7 +73,7 @@ def test_bf16_mixed_precision_trains_with_fp32_loss_terms():
     losses = {}
     for precision in ("32-true", "bf16-mixed"):
         torch.manual_seed(0)
-        module = VAEModule(hidden_dim=64, latent_dim=4)
+        module = VAEModule.from_settings({"hidden": [64]}, latent_dim=4)
         trainer = L.Trainer(
             accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, max_epochs=2,

@@ -12,12 +12,14 @@ import pytest
 import torch
 from helpers import brief_run, run_cli
 
+from vae_lightning.bound import iw_log_likelihood
+from vae_lightning.building import load_trained, module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.data import FASHION_MNIST_FILES, MNISTDataModule, binarize, ensure_dataset
 from vae_lightning.errors import DataError
-from vae_lightning.eval import load_trained, module_from_checkpoint
-from vae_lightning.model import VAE, elbo_terms, iw_log_likelihood, iwae_terms, log_importance_weights
+from vae_lightning.model import VAE
 from vae_lightning.module import VAEModule
+from vae_lightning.objectives import elbo_terms, iwae_terms, log_importance_weights
 from vae_lightning.sweep import summarise
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import brief_run, run_cli
 
+from vae_lightning.building import module_from_checkpoint
 from vae_lightning.data import MNISTDataModule
-from vae_lightning.eval import module_from_checkpoint
 from vae_lightning.explorer import MAX_SLIDERS, explorer_data
 from vae_lightning.model import VAE
 
@@ -129,9 +129,10 @@ def test_sliders_the_pad_random_z_and_a_test_image_change_what_is_drawn(report):
 
 def test_large_latent_spaces_get_sliders_along_principal_directions():
     labels = torch.arange(300) % 10
-    small = explorer_data(VAE(hidden_dim=16, latent_dim=4), torch.rand(300, 784), labels, [str(d) for d in range(10)])
+    names = [str(d) for d in range(10)]
+    small = explorer_data(VAE({"hidden": [16]}, latent_dim=4), torch.rand(300, 784), labels, names)
     assert small["basis_names"] == ["z[0]", "z[1]", "z[2]", "z[3]"]
-    large = explorer_data(VAE(hidden_dim=16, latent_dim=40), torch.rand(300, 784), labels, [str(d) for d in range(10)])
+    large = explorer_data(VAE({"hidden": [16]}, latent_dim=40), torch.rand(300, 784), labels, names)
     assert len(large["basis"]) == MAX_SLIDERS and large["basis_names"][0] == "PC 1"
     assert len(large["test_labels"]) == 100  # 10 of each class
 

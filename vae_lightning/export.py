@@ -72,7 +72,8 @@ def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
             from safetensors.torch import save_file
 
             path = out / f"{name}.safetensors"
-            weights = {k: v.contiguous() for k, v in module.state_dict().items()}
+            # the layers' names as in the VAE's own state_dict: both files load into VAE(**vae.json)
+            weights = {k: v.contiguous() for k, v in module.net.state_dict().items()}
             save_file(weights, str(path), metadata={"vae": json.dumps(settings)})
         written.append(path)
     return written

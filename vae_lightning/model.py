@@ -23,8 +23,7 @@ class VAE(nn.Module):
     784 -> 400 (ReLU) -> 20 -> 400 (ReLU) -> 784.
 
     ``settings`` is the model as plain data (what a checkpoint stores; ``VAE(**settings)`` builds it
-    again). The reference net's state_dict keys are the notebook's under ``encoder.``/``decoder.``;
-    the notebook's own flat keys (and checkpoints from before nets were parts) load as they are.
+    again). The state_dict names layers as the nets do, flat: the reference net's are the notebook's.
     """
 
     def __init__(
@@ -44,14 +43,11 @@ class VAE(nn.Module):
         self.input_dim, self.latent_dim = input_dim, latent_dim
         self.encoder, self.decoder = build_nets(net, input_dim, latent_dim)
         init_weights(self, init, init_std)
-        self._register_load_state_dict_pre_hook(self._accept_flat_names)
-
-    def _accept_flat_names(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        # the reference notebook's keys (fc1.weight, ...) name the layers of the nets directly
-        for part in ("encoder", "decoder"):
-            for name, _ in getattr(self, part).named_children():
-                for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
-                    state_dict[f"{prefix}{part}.{key[len(prefix) :]}"] = state_dict.pop(key)
+        layers = [name for part in (self.encoder, self.decoder) for name, _ in part.named_children()]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"the {net['name']} net's encoder and decoder share a layer name: {sorted(layers)}")
+        self.register_state_dict_post_hook(_flat_names)
+        self.register_load_state_dict_pre_hook(_nested_names)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,6 +107,22 @@ class VAE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(x)
         return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+
+# The state_dict names each layer as the nets do, without the encoder./decoder. it lives in: the
+# reference net's keys are the notebook's (fc1.weight, ...), so its weights and older checkpoints
+# load as they are, and a checkpoint of the reference net reads as it always has.
+def _flat_names(module: VAE, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for part in ("encoder", "decoder"):
+        for key in [k for k in state_dict if k.startswith(f"{prefix}{part}.")]:
+            state_dict[prefix + key[len(f"{prefix}{part}.") :]] = state_dict.pop(key)
+
+
+def _nested_names(module: VAE, state_dict: dict, prefix: str, *args: Any) -> None:
+    for part in ("encoder", "decoder"):
+        for name, _ in getattr(module, part).named_children():
+            for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+                state_dict[f"{prefix}{part}.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 
 def init_weights(model: nn.Module, scheme: str, std: float = 0.01) -> None:

@@ -61,7 +61,7 @@ class VAEModule(L.LightningModule):
 
     def __init__(
         self,
-        vae: VAE,
+        vae: VAE | None = None,
         lr: float = 1e-3,
         fused_adam: bool | None = None,
         objective: str = "elbo",
@@ -74,6 +74,7 @@ class VAEModule(L.LightningModule):
             raise ValueError(f"model.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
         if objective == "iwae" and (beta != 1 or kl_warmup_epochs):
             raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
+        vae = VAE() if vae is None else vae  # the reference notebook's
         self.save_hyperparameters(ignore=["vae"])
         self.hparams["vae"] = vae.settings  # plain data: a checkpoint rebuilds its model from it, by name
         self.model = vae
