@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -38,3 +39,24 @@ def trained_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.Completed
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as the machine's own browser probe starts it: no sandbox (root), and no background traffic
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing under CI: .ci/run installs Debian's chromium")
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

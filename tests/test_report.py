@@ -1,7 +1,6 @@
 """report.html in a real browser: headless Chromium (Debian's) driven by Playwright, from file://."""
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,26 +12,6 @@ from vae_lightning.building import module_from_checkpoint
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.explorer import MAX_SLIDERS, explorer_data
 from vae_lightning.model import VAE
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# as the machine's own browser probe starts it: no sandbox (root), and no background traffic
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing under CI: .ci/run installs Debian's chromium")
-        pytest.skip("no Chromium here (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def open_report(browser, run_dir: Path):
