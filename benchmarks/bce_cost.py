@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import vae_lightning.model as model_module
 import vae_lightning.objectives as objectives
-from vae_lightning.data import default_data_dir, ensure_dataset, load_split
+from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split
 
 PROJECT_BCE = objectives.bce_from_logits
 

@@ -14,7 +14,8 @@ import time
 import torch
 from epoch_speed import bare_loss
 
-from vae_lightning.data import binarize, default_data_dir, load_split
+from vae_lightning.data import binarize
+from vae_lightning.datasets import default_data_dir, load_split
 from vae_lightning.model import VAE
 
 

@@ -40,7 +40,8 @@ from torchvision import datasets, transforms
 
 from vae_lightning.bound import iw_log_likelihood
 from vae_lightning.building import build_run
-from vae_lightning.data import default_data_dir, ensure_dataset, load_split, tensor_loader
+from vae_lightning.data import tensor_loader
+from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split
 from vae_lightning.errors import DataError
 from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.model import VAE

@@ -26,7 +26,7 @@ from epoch_speed import bare_loss, machine, project_epochs
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer import call
 
-from vae_lightning.data import default_data_dir, ensure_dataset
+from vae_lightning.datasets import default_data_dir, ensure_dataset
 from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.module import VAEModule
 

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from vae_lightning.building import build_run
 from vae_lightning.callbacks import TrainingHistory
-from vae_lightning.data import default_data_dir, ensure_dataset
+from vae_lightning.datasets import default_data_dir, ensure_dataset
 from vae_lightning.module import VAEModule
 
 REPO_CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from helpers import TRAINED_EPOCHS, run_cli
 
-from vae_lightning.data import default_data_dir, ensure_dataset
+from vae_lightning.datasets import default_data_dir, ensure_dataset
 from vae_lightning.errors import DataError
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from vae_lightning.data import MNIST_FILES, MNISTDataModule, ensure_dataset, tensor_loader
+from vae_lightning.data import MNISTDataModule, tensor_loader
+from vae_lightning.datasets import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError
 
 

@@ -33,7 +33,7 @@ from helpers import (
 
 from vae_lightning.building import build_run
 from vae_lightning.checkpoints import AtomicCheckpointIO
-from vae_lightning.data import MNIST_FILES, ensure_dataset
+from vae_lightning.datasets import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError, DivergenceError
 
 

@@ -15,7 +15,8 @@ from helpers import brief_run, run_cli
 from vae_lightning.bound import iw_log_likelihood
 from vae_lightning.building import load_trained, module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
-from vae_lightning.data import FASHION_MNIST_FILES, MNISTDataModule, binarize, ensure_dataset
+from vae_lightning.data import MNISTDataModule, binarize
+from vae_lightning.datasets import FASHION_MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError
 from vae_lightning.model import VAE
 from vae_lightning.module import VAEModule
