@@ -43,9 +43,9 @@ from vae_lightning.building import build_run
 from vae_lightning.data import tensor_loader
 from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split
 from vae_lightning.errors import DataError
-from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.model import VAE
 from vae_lightning.objectives import elbo_terms
+from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,8 +27,8 @@ from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer import call
 
 from vae_lightning.datasets import default_data_dir, ensure_dataset
-from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.module import VAEModule
+from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 PER_BATCH_HOOKS = ("batch", "backward", "optimizer_step", "zero_grad")
 STEPS = 469  # optimizer steps per epoch: 60,000 images in batches of 128

@@ -12,7 +12,7 @@ from vae_lightning.building import build
 from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.evaluation import Evaluation
-from vae_lightning.launch import skip_nvml_probe_without_gpu
+from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 
 def options(group: str) -> list[str]:

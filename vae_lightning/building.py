@@ -16,8 +16,8 @@ from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.checks import check_hardware, validate_config
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.errors import UserError
-from vae_lightning.launch import skip_nvml_probe_without_gpu
 from vae_lightning.module import VAEModule
+from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -78,7 +78,7 @@ def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
         module.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"the weights in {ckpt} do not fit the VAE: {str(err).splitlines()[1].strip()}") from None
-    protocol = state.get(MNISTDataModule.__qualname__) if "state_dict" in state else None
+    protocol = datamodule_state(state, MNISTDataModule) if "state_dict" in state else None
     return module, protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
 
 

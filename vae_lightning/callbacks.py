@@ -202,7 +202,7 @@ class StopOnSigterm(L.Callback):
     every process of the run together, with the ``SIGTERMException`` Lightning itself uses.
 
     Lightning's own handler runs a collective inside the signal handler, which deadlocks DDP when
-    only some processes got the signal. This one only sets a flag; the processes agree on it every
+    only some processes got the signal (Lightning#20806). This one only sets a flag; the processes agree on it every
     ``check_every`` training steps (every step on one process) and after every eval batch."""
 
     def __init__(self, check_every: int = 20) -> None:

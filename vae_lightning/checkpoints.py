@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +13,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import replaced_atomically
+from vae_lightning.workarounds import refused_global
 
 
 def find_checkpoint(path: str | Path, which: Literal["best", "last"]) -> Path:
@@ -45,13 +45,13 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+        found = refused_global(err)
         if found is None:  # not a pickle of anything: damaged or not a checkpoint
             raise UserError(
                 f"cannot read checkpoint {path}: it is damaged or not a checkpoint; pass another ckpt_path"
             ) from None
         raise UserError(
-            f"refusing checkpoint {path}: it holds {found.group(1)}, which a vae_lightning checkpoint never does "
+            f"refusing checkpoint {path}: it holds {found}, which a vae_lightning checkpoint never does "
             "and which could run code when loaded; use a checkpoint written by vae_lightning"
         ) from None
     except Exception as err:  # truncated, damaged, not a checkpoint: torch's first line says which

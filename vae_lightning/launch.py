@@ -1,12 +1,7 @@
-"""What the process needs before a run starts: Lightning's messages in train.log, DDP jobs inside
-a multirun, and no NVML probe on every optimizer step of a machine without a GPU."""
+"""Where a run's processes and TensorBoard files go: the ``${tensorboard:...}`` resolver, how many
+processes the trainer config asks for, and ending a DDP process group cleanly."""
 
 from __future__ import annotations
-
-import logging
-import os
-import sys
-from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -28,28 +23,6 @@ if not OmegaConf.has_resolver("tensorboard"):
     OmegaConf.register_new_resolver("tensorboard", tensorboard_location)
 
 
-def route_lightning_logs() -> None:
-    """Lightning, imported before Hydra set up logging, gave its loggers their own stderr
-    handler; hand their messages to Hydra's handlers instead, so train.log keeps them too."""
-    if not logging.getLogger().handlers:
-        return
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
-        logger.propagate = True
-
-
-def skip_nvml_probe_without_gpu() -> None:
-    """Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking for CUDA does not
-    initialise it in a process that later forks). torch's optimizers ask on every step, and where
-    no GPU has been initialised, which is every CPU run of a CUDA build of torch, each ask loads
-    NVML again: ~30-45 us a step, 1-2 % of a CPU training step (docs/performance.md). Where that
-    probe finds no GPU there is nothing to protect, so the runtime's own check, cached after its
-    first call, answers instead. Machines with a GPU keep Lightning's setting."""
-    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and not torch.cuda.is_available():
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
-
-
 def end_process_group() -> None:
     """A DDP process ends its process group itself when its job ends. Left to the interpreter's
     exit, gloo's threads can be torn down while in use ("terminate called without an active
@@ -67,25 +40,3 @@ def processes(trainer_cfg: DictConfig) -> int:
     if count == -1 or devices == "auto":  # every device found
         count = max(1, torch.cuda.device_count()) if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
     return count * int(trainer_cfg.get("num_nodes", 1) or 1)
-
-
-def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
-    """Lightning starts the other DDP processes by re-running the command line. In a Hydra
-    multirun that command is the whole sweep (or search), so each child would run every job; give
-    it this job's overrides, with the checkpoint this job continues, and its directory instead."""
-    if processes(cfg.trainer) < 2 or not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    # hparams_search=... would make each child a search of its own; ckpt_path=last would make it
-    # look for a run of its own
-    job = [o for o in hydra_cfg.overrides.task if not o.startswith(("hparams_search=", "ckpt_path="))]
-    sys.argv = [sys.argv[0], *job, *([f"ckpt_path={checkpoint}"] if checkpoint else [])]
-    OmegaConf.set_readonly(hydra_cfg, False)
-    hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # read by Lightning for the children
-    # the previous job's process group and rendezvous settings would make Lightning think its
-    # processes already exist: start this job's group afresh
-    end_process_group()
-    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
-        os.environ.pop(key, None)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, read_write
 
 from vae_lightning.errors import UserError
+from vae_lightning.workarounds import set_for_every_job
 
 # the disk's fault, not the code's: what to do about each
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full disk, quota, file-size limit
@@ -129,16 +130,6 @@ def claim_new_dir(directory: Path) -> Path:
 def named_by_user(config: DictConfig, key: str) -> bool:
     """Whether the command line set the Hydra setting ``key`` (``hydra.run.dir=...``)."""
     return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
-
-
-def set_for_every_job(config: DictConfig, key: str, value: str | list[str]) -> None:
-    """Set the Hydra setting ``key`` in the launching process's config and for every job of a
-    multirun: Hydra composes each job's config again from the Hydra overrides, not from this one."""
-    with read_write(config.hydra):
-        OmegaConf.update(config, key, value)
-    # a string quoted, as a path may hold = or ,
-    override = f"[{','.join(value)}]" if isinstance(value, list) else f"'{value}'"
-    config.hydra.overrides.hydra.append(f"{key}={override}")
 
 
 class CheckOutputDir(Callback):

@@ -16,7 +16,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS
-from vae_lightning.outputs import read_json, set_for_every_job
+from vae_lightning.outputs import read_json
+from vae_lightning.workarounds import set_for_every_job
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:

@@ -21,15 +21,11 @@ from vae_lightning.checkpoints import saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
-from vae_lightning.launch import (
-    end_process_group,
-    hand_ddp_this_job_alone,
-    processes,
-    route_lightning_logs,
-)
+from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import record, record_failure
 from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
+from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,100 @@
+"""Workarounds of the libraries' internals, each beside the upstream issue it works around; the
+rest of the project calls these and never reaches into Lightning, Hydra or torch itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from vae_lightning.launch import end_process_group, processes
+
+
+def silence_unactionable_warnings() -> None:
+    """Warnings no user can act on, on every run."""
+    # Lightning builds torch's LeafSpec, which torch deprecates (Lightning's to fix)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # the data are tensors on the training device, indexed once per batch: worker processes would
+    # only copy them (Lightning suggests workers for every DataLoader)
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+
+
+def datamodule_state(checkpoint: dict[str, Any], datamodule_class: type) -> Any:
+    """What a DataModule's ``state_dict`` saved in a Lightning checkpoint: Lightning files it under
+    the class's ``__qualname__`` (its checkpoint connector; no public accessor), so a renamed class
+    would lose it."""
+    return checkpoint.get(datamodule_class.__qualname__)
+
+
+def refused_global(err: Exception) -> str | None:
+    """The class a ``torch.load(weights_only=True)`` refused, read from its error text (torch gives it
+    no attribute; the wording changed between releases), or None for a file that is not a pickle."""
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+    return found.group(1) if found else None
+
+
+def route_lightning_logs() -> None:
+    """Lightning, imported before Hydra set up logging, gave its loggers their own stderr
+    handler; hand their messages to Hydra's handlers instead, so train.log keeps them too.
+    Upstream: Lightning's loggers bypass Hydra's files (lightning-hydra-template#396, Lightning#4621)."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+        logger.propagate = True
+
+
+def skip_nvml_probe_without_gpu() -> None:
+    """Importing Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` (so that asking for CUDA does not
+    initialise it in a process that later forks). torch's optimizers ask on every step, and where
+    no GPU has been initialised, which is every CPU run of a CUDA build of torch, each ask loads
+    NVML again: ~30-45 us a step, 1-2 % of a CPU training step (docs/performance.md). Where that
+    probe finds no GPU there is nothing to protect, so the runtime's own check, cached after its
+    first call, answers instead. Machines with a GPU keep Lightning's setting.
+    Upstream: Lightning sets the variable since Lightning#15110 (torch's check: pytorch#85951)."""
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1" and not torch.cuda.is_available():
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+
+
+def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
+    """Lightning starts the other DDP processes by re-running the command line. In a Hydra
+    multirun that command is the whole sweep (or search), so each child would run every job; give
+    it this job's overrides, with the checkpoint this job continues, and its directory instead.
+    Upstream: Lightning#11300 and hydra#2070 (Lightning's fix, #11617, re-runs the whole sweep)."""
+    if processes(cfg.trainer) < 2 or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    # hparams_search=... would make each child a search of its own; ckpt_path=last would make it
+    # look for a run of its own
+    job = [o for o in hydra_cfg.overrides.task if not o.startswith(("hparams_search=", "ckpt_path="))]
+    sys.argv = [sys.argv[0], *job, *([f"ckpt_path={checkpoint}"] if checkpoint else [])]
+    OmegaConf.set_readonly(hydra_cfg, False)
+    hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # read by Lightning for the children
+    # the previous job's process group and rendezvous settings would make Lightning think its
+    # processes already exist: start this job's group afresh
+    end_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK"):
+        os.environ.pop(key, None)
+
+
+def set_for_every_job(config: DictConfig, key: str, value: str | list[str]) -> None:
+    """Set the Hydra setting ``key`` in the launching process's config and for every job of a
+    multirun: Hydra composes each job's config again from the Hydra overrides, not from this one
+    (hydra#1945: each job is composed afresh, from the files and the overrides)."""
+    with read_write(config.hydra):
+        OmegaConf.update(config, key, value)
+    # a string quoted, as a path may hold = or ,
+    override = f"[{','.join(value)}]" if isinstance(value, list) else f"'{value}'"
+    config.hydra.overrides.hydra.append(f"{key}={override}")
