@@ -7,8 +7,13 @@ from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from vae_lightning.errors import UserError
-from vae_lightning.outputs import CheckOutputDir
-from vae_lightning.resume import ContinueRun, changed_data_settings, plan_resume, run_to_continue
+from vae_lightning.resume import changed_data_settings, plan_resume, resolve
+from vae_lightning.rundir import RunDir
+
+
+def run_to_continue(ckpt_path, log_dir):
+    continuation = resolve(ckpt_path, log_dir)
+    return continuation.run_dir if continuation else None
 
 
 def make_run(log_dir: Path, name: str, epochs: int | None = None) -> Path:
@@ -43,23 +48,24 @@ def test_last_is_the_newest_run_and_a_run_or_its_checkpoint_is_that_run(tmp_path
 def test_a_continued_run_writes_in_its_own_dir_and_keeps_its_first_config(tmp_path):
     run = make_run(tmp_path, "2026-01-01_00-00-00")
     cfg = hydra_config("ckpt_path=last", f"paths.log_dir={tmp_path}")
-    ContinueRun().on_run_start(cfg)
+    RunDir(continue_runs=True).on_run_start(cfg)
     assert Path(cfg.hydra.run.dir) == run.resolve()
+    assert cfg.ckpt_path == str((run / "checkpoints" / "last.ckpt").resolve())  # resolved once, here
     assert cfg.hydra.output_subdir.startswith(".hydra/continued_")  # .hydra/ itself is left as it was
     fresh = hydra_config(f"paths.log_dir={tmp_path}")
-    ContinueRun().on_run_start(fresh)
+    RunDir(continue_runs=True).on_run_start(fresh)
     assert "runs/" in fresh.hydra.run.dir and Path(fresh.hydra.run.dir) != run.resolve()
 
 
 def test_last_with_a_named_run_dir_continues_that_run(tmp_path, capsys):
     named, newer = make_run(tmp_path, "a"), make_run(tmp_path, "b")
     cfg = hydra_config("ckpt_path=last", f"paths.log_dir={tmp_path}", f"hydra.run.dir={named}")
-    ContinueRun().on_run_start(cfg)
+    RunDir(continue_runs=True).on_run_start(cfg)
     assert Path(cfg.hydra.run.dir) == named and newer != named
     empty = tmp_path / "empty"
     cfg = hydra_config("ckpt_path=last", f"hydra.run.dir={empty}")
     with pytest.raises(SystemExit):
-        ContinueRun().on_run_start(cfg)
+        RunDir(continue_runs=True).on_run_start(cfg)
     said = capsys.readouterr().err
     assert said == f"error: ckpt_path=last but {empty} has no checkpoints/last.ckpt; name another run\n"
 
@@ -89,7 +95,7 @@ def test_runs_started_in_the_same_second_get_dirs_of_their_own(tmp_path):
     for _ in range(3):
         cfg = hydra_config(f"paths.log_dir={tmp_path}", "hydra.run.dir=" + "${paths.log_dir}/runs/same_second")
         cfg.hydra.overrides.hydra = []  # as if the dir came from the default pattern
-        CheckOutputDir().on_run_start(cfg)
+        RunDir().on_run_start(cfg)
         dirs.append(cfg.hydra.run.dir)
     assert dirs == [f"{tmp_path}/runs/same_second", f"{tmp_path}/runs/same_second_2", f"{tmp_path}/runs/same_second_3"]
 
@@ -99,7 +105,7 @@ def test_sweeps_started_in_the_same_second_get_dirs_of_their_own_which_their_job
     for _ in range(2):
         cfg = hydra_config(f"paths.log_dir={tmp_path}", "hydra.sweep.dir=" + "${paths.log_dir}/multiruns/same_second")
         cfg.hydra.overrides.hydra = []  # as if the dir came from the default pattern
-        CheckOutputDir().on_multirun_start(cfg)
+        RunDir().on_multirun_start(cfg)
         # Hydra composes each job's config again from the Hydra overrides: the job must see the claimed dir
         job = hydra_config(*cfg.hydra.overrides.hydra)
         seen.append((cfg.hydra.sweep.dir, job.hydra.sweep.dir))

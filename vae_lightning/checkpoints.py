@@ -91,8 +91,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     the old file, so a kill or a full disk mid-copy leaves a truncated ``last.ckpt``, and it drops
     a PermissionError silently (Lightning#21800). Here the old file stays whole until the new one
     is complete and on disk (a power cut keeps one of the two), and every error names the file.
-    Loading (``ckpt_path=...``) goes through ``load_checkpoint``: no checkpoint runs code.
-    Remote paths keep Lightning's way of saving."""
+    Loading (``ckpt_path=...``) goes through ``load_checkpoint``: no checkpoint runs code; a
+    checkpoint the run already read (``hand_over``) is not read again. Remote paths keep Lightning's
+    way of saving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read: dict[str, dict[str, Any]] = {}
+
+    def hand_over(self, path: Path, checkpoint: dict[str, Any]) -> None:
+        """``checkpoint``, already read from ``path``, is what the next load of ``path`` returns."""
+        self._read[str(path)] = checkpoint
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if "://" in str(path) or storage_options is not None:
@@ -106,4 +115,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise OSError(err.errno, err.strerror, str(path)) from err
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if str(path) in self._read and map_location in (None, "cpu"):
+            return self._read.pop(str(path))
         return load_checkpoint(path, map_location if map_location is not None else "cpu")
+
+
+def hand_over(trainer: Any, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Let ``trainer``'s checkpoint IO use ``checkpoint`` (read from ``path``) instead of reading it again."""
+    io = trainer.strategy.checkpoint_io
+    while not isinstance(io, AtomicCheckpointIO) and getattr(io, "checkpoint_io", None) is not None:
+        io = io.checkpoint_io  # Lightning's wrappers (async saving) hold the plugin
+    if isinstance(io, AtomicCheckpointIO):
+        io.hand_over(path, checkpoint)

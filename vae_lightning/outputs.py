@@ -1,4 +1,4 @@
-"""Where a run writes: check that it can before anything starts, write files whole, and turn a
+"""Writing a run's files: check that it can before anything starts, write files whole, and turn a
 full or read-only disk into one line."""
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
 
 from vae_lightning.errors import UserError
-from vae_lightning.workarounds import set_for_every_job
 
 # the disk's fault, not the code's: what to do about each
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full disk, quota, file-size limit
@@ -108,54 +103,3 @@ def _one_line_for_disk_errors(args: threading.ExceptHookArgs) -> None:
         print(f"warning: a writer thread stopped: {args.exc_value}", file=sys.stderr)
     else:
         threading.__excepthook__(args)
-
-
-# run dirs a callback of this process chose already (a continued run's own dir)
-CHOSEN_RUN_DIRS: set[str] = set()
-
-
-def claim_new_dir(directory: Path) -> Path:
-    """``directory`` made for this run alone, or ``<name>_2``, ``_3``, ... when another run that
-    started in the same second has it: mkdir is atomic, so two runs never share one."""
-    candidate, n = directory, 1
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            n += 1
-            candidate = directory.with_name(f"{directory.name}_{n}")
-
-
-def named_by_user(config: DictConfig, key: str) -> bool:
-    """Whether the command line set the Hydra setting ``key`` (``hydra.run.dir=...``)."""
-    return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
-
-
-class CheckOutputDir(Callback):
-    """Hydra makes the run (or sweep) dir before our code runs, so an unwritable or full disk
-    would end in Hydra's traceback. Registered in ``conf/hydra/default.yaml``; checks the dir
-    the runs go in first, in the launching process, and gives a new run (or sweep) a dir of its
-    own unless the user named one."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(Path(config.hydra.run.dir).parent)
-        if not named_by_user(config, "hydra.run.dir") and config.hydra.run.dir not in CHOSEN_RUN_DIRS:
-            with read_write(config.hydra):
-                config.hydra.run.dir = str(claim_new_dir(Path(config.hydra.run.dir)))
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if named_by_user(config, "hydra.sweep.dir"):  # a sweep to continue, or a dir the user chose
-            self._check(Path(config.hydra.sweep.dir))
-            return
-        self._check(Path(config.hydra.sweep.dir).parent)
-        claimed = claim_new_dir(Path(config.hydra.sweep.dir))
-        set_for_every_job(config, "hydra.sweep.dir", str(claimed))
-
-    @staticmethod
-    def _check(directory: Path) -> None:
-        try:
-            check_writable(directory)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None

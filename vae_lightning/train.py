@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from vae_lightning.building import build_run
 from vae_lightning.callbacks import sigterm_requested
-from vae_lightning.checkpoints import saved_progress
+from vae_lightning.checkpoints import hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
@@ -41,8 +41,9 @@ def train(cfg: DictConfig) -> dict:
     if resume.finished is not None:
         log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
         return resume.finished
+    checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
-        check_same_model(resume.checkpoint, cfg.model)
+        check_same_model(resume.checkpoint, checkpoint, cfg.model)
         where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
         log.info(f"Continuing {where} from {resume.checkpoint}{changed_data_settings(cfg, out)}")
     elif sweep_job and cfg.get("ckpt_path") == "last":
@@ -52,6 +53,8 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"{count} processes, each taking data.batch_size={cfg.data.batch_size} images a step")
     hand_ddp_this_job_alone(cfg, resume.checkpoint)
     datamodule, module, trainer = build_run(cfg)
+    if checkpoint is not None:
+        hand_over(trainer, resume.checkpoint, checkpoint)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
     metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(epochs=trainer.current_epoch, latent_dim=cfg.model.latent_dim, **datamodule.protocol())

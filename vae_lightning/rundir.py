@@ -1,0 +1,97 @@
+"""Which directory a run writes in, chosen once in the launching process before Hydra makes it
+(a Hydra callback, ``conf/hydra/default.yaml``): a new run gets a dir of its own, a continued run
+(``ckpt_path=...``) the run it continues, and an unwritable or full disk is one line, not Hydra's
+traceback."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, read_write
+
+from vae_lightning.errors import UserError
+from vae_lightning.outputs import check_writable
+from vae_lightning.resume import resolve
+from vae_lightning.workarounds import set_for_every_job
+
+
+def claim_new_dir(directory: Path) -> Path:
+    """``directory`` made for this run alone, or ``<name>_2``, ``_3``, ... when another run that
+    started in the same second has it: mkdir is atomic, so two runs never share one."""
+    candidate, n = directory, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = directory.with_name(f"{directory.name}_{n}")
+
+
+def named_by_user(config: DictConfig, key: str) -> bool:
+    """Whether the command line set the Hydra setting ``key`` (``hydra.run.dir=...``)."""
+    return any(o.startswith(f"{key}=") for o in config.hydra.overrides.hydra)
+
+
+class RunDir(Callback):
+    """``continue_runs`` (train): ``ckpt_path`` is resolved here, once (``resume.resolve``), into the
+    run it continues, which becomes this run's dir (its checkpoints, tables and curves grow in
+    place; each continuation's config is kept in ``.hydra/continued_<time>/``), and into the
+    checkpoint file, which the job then reads. A continued sweep needs the sweep's dir."""
+
+    def __init__(self, continue_runs: bool = False) -> None:
+        self.continue_runs = continue_runs
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            self._choose_run_dir(config)
+        except UserError as err:
+            _stop(str(err))
+
+    def _choose_run_dir(self, config: DictConfig) -> None:
+        named = named_by_user(config, "hydra.run.dir")
+        continuation = None
+        if self.continue_runs:
+            named_dir = config.hydra.run.dir if named and str(config.get("ckpt_path")) == "last" else None
+            continuation = resolve(config.get("ckpt_path"), config.paths.log_dir, named_dir)
+        with read_write(config):
+            if continuation is not None:
+                config.ckpt_path = str(continuation.checkpoint)  # the job reads this file, not "last" again
+            if continuation is not None and continuation.run_dir is not None:
+                check_writable(continuation.run_dir)
+                config.hydra.run.dir = str(continuation.run_dir)
+                if config.hydra.output_subdir is not None:  # (DDP children write none)
+                    # the run's own .hydra/ keeps the config it started with; each continuation's beside it
+                    config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+                return
+            check_writable(Path(config.hydra.run.dir).parent)
+            if not named:
+                config.hydra.run.dir = str(claim_new_dir(Path(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        named = named_by_user(config, "hydra.sweep.dir")
+        if self.continue_runs and str(config.get("ckpt_path")) == "last" and not named:
+            sweep_dir = Path(config.hydra.sweep.dir)
+            earlier = sorted(d for d in sweep_dir.parent.glob("*") if d.is_dir() and d != sweep_dir)
+            which = f"the newest is {earlier[-1]}" if earlier else f"there is none in {sweep_dir.parent}"
+            _stop(
+                "in a multirun, ckpt_path=last continues each job of an earlier sweep in its own dir; "
+                f"add hydra.sweep.dir=<that sweep's dir> and its overrides ({which})"
+            )
+        try:
+            if named:  # a sweep to continue, or a dir the user chose
+                check_writable(Path(config.hydra.sweep.dir))
+                return
+            check_writable(Path(config.hydra.sweep.dir).parent)
+        except UserError as err:
+            _stop(str(err))
+        set_for_every_job(config, "hydra.sweep.dir", str(claim_new_dir(Path(config.hydra.sweep.dir))))
+
+
+def _stop(reason: str) -> None:
+    print(f"error: {reason}", file=sys.stderr)
+    raise SystemExit(1)
