@@ -94,3 +94,29 @@ def test_eval_without_checkpoint_is_one_line_at_the_cli(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: checkpoint {missing} does not exist; pass ckpt_path=<file.ckpt> or a training run dir"
     ]
+
+
+def test_eval_device_is_checked_before_anything_loads():
+    import torch
+
+    from vae_lightning.eval import eval_device
+
+    assert eval_device("cpu") == torch.device("cpu")
+    assert eval_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(UserError, match="device=gpu7 is not a device; use auto, cpu, cuda or cuda:<n>"):
+        eval_device("gpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device=cuda but this machine has no such CUDA GPU"):
+            eval_device("cuda")
+
+
+@pytest.mark.slow
+def test_eval_with_k_0_gives_the_test_elbo_alone(trained_run, mnist_dir, tmp_path):
+    run_dir, _ = trained_run
+    result = run_cli("vae_lightning.eval", f"ckpt_path={run_dir}", "eval.k=0", f"data.data_dir={mnist_dir}",
+                     f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"test/loss", "test/bce", "test/kl"} <= set(metrics) and "test/iw_nll" not in metrics
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test/loss"] == pytest.approx(trained["test/loss"], abs=1e-4)  # one set of numbers
