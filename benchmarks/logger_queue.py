@@ -23,7 +23,7 @@ def one_flush(max_queue: int, steps: int = 100) -> float:
         _ = logger.experiment  # the writer and its thread exist before the clock starts
         start = time.perf_counter()
         for step in range(steps):
-            logger.log_metrics({"train/bce_step": 70.0 + step, "train/kl_step": 25.0, "train/loss_step": 95.0}, step)
+            logger.log_metrics({"train/rec_step": 70.0 + step, "train/kl_step": 25.0, "train/loss_step": 95.0}, step)
         seconds = time.perf_counter() - start
         logger.finalize("success")
     return seconds

@@ -62,7 +62,7 @@ def step_costs(rounds: int, steps: int = 300) -> tuple[float, float]:
     """us per optimizer step of the module's training step and of the bare loop's, interleaved."""
     torch.manual_seed(0)
     module = VAEModule()
-    module._logged_this_epoch = {("train", t) for t in ("bce", "kl", "loss")}  # self.log needs a trainer
+    module._logged_this_epoch = {("train", t) for t in ("rec", "kl", "loss")}  # self.log needs a trainer
     x = torch.rand(128, 784)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, fused=True)
 
@@ -71,7 +71,7 @@ def step_costs(rounds: int, steps: int = 300) -> tuple[float, float]:
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        torch.stack([out["bce"], out["kl"], out["per_image_loss"]])  # TrainingHistory's per-step work
+        torch.stack([out["rec"], out["kl"], out["per_image_loss"]])  # TrainingHistory's per-step work
 
     def bare() -> None:
         loss = bare_loss(module.model, x)

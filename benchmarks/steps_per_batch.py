@@ -45,7 +45,7 @@ class BlockModule(VAEModule):
             optimizer.zero_grad()
             self.manual_backward(out["graph_loss"])
             optimizer.step()
-            steps.append(torch.stack([out["bce"], out["kl"], out["loss"]]))
+            steps.append(torch.stack([out["rec"], out["kl"], out["loss"]]))
         return {"steps": torch.stack(steps)}
 
 

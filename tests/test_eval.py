@@ -11,7 +11,7 @@ from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.eval import run
 
-KEYS = {"test/bce", "test/kl", "test/loss", "test/iw_nll", "test/active_units", "k", "latent_dim", "checkpoint", "note"}
+KEYS = {"test/rec", "test/kl", "test/loss", "test/iw_nll", "test/active_units", "k", "latent_dim", "checkpoint", "note"}
 
 
 def _size(path):
@@ -44,13 +44,13 @@ def test_eval_cli_on_a_run_dir(trained_run, mnist_dir, tmp_path):
     assert metrics["k"] == 50 and metrics["latent_dim"] == 20
     # the same weights, the same test pass: the training run's own test numbers, exactly
     trained = json.loads((run_dir / "metrics.json").read_text())
-    assert [metrics[k] for k in ("test/loss", "test/bce", "test/kl")] == [
-        trained[k] for k in ("test/loss", "test/bce", "test/kl")
+    assert [metrics[k] for k in ("test/loss", "test/rec", "test/kl")] == [
+        trained[k] for k in ("test/loss", "test/rec", "test/kl")
     ]
     # the bound is tighter than the one-sample ELBO, and both are in the range a 3-epoch model reaches
     assert metrics["test/iw_nll"] < metrics["test/loss"]
     assert 90 < metrics["test/iw_nll"] < 120 and 95 < metrics["test/loss"] < 125
-    assert metrics["test/loss"] == pytest.approx(metrics["test/bce"] + metrics["test/kl"])
+    assert metrics["test/loss"] == pytest.approx(metrics["test/rec"] + metrics["test/kl"])
     assert 1 <= metrics["test/active_units"] <= 20
     assert "binarized" in metrics["note"] and "binarized" in result.stdout
     # pixel sizes: 28-px digits, 2-px gutters, every pixel drawn 3 x 3
@@ -117,6 +117,6 @@ def test_eval_with_k_0_gives_the_test_elbo_alone(trained_run, mnist_dir, tmp_pat
                      f"hydra.run.dir={tmp_path}")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"test/loss", "test/bce", "test/kl"} <= set(metrics) and "test/iw_nll" not in metrics
+    assert {"test/loss", "test/rec", "test/kl"} <= set(metrics) and "test/iw_nll" not in metrics
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test/loss"] == pytest.approx(trained["test/loss"], abs=1e-4)  # one set of numbers

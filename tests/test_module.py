@@ -31,7 +31,7 @@ def test_epoch_values_are_sums_over_images_divided_by_images_seen(monkeypatch):
         mu, logvar = module.model.encode(x)
         bce = bce_from_logits(module.model.decode_logits(mu), x).sum() / 300
         kl = kl_divergence(mu, logvar).sum() / 300
-    assert result["val/bce"] == pytest.approx(bce.item(), rel=1e-5)
+    assert result["val/rec"] == pytest.approx(bce.item(), rel=1e-5)
     assert result["val/kl"] == pytest.approx(kl.item(), rel=1e-5)
     assert result["val/loss"] == pytest.approx((bce + kl).item(), rel=1e-5)
 
@@ -61,10 +61,10 @@ def test_training_backpropagates_the_summed_loss_with_adam():
     module.log = module.log_dict = lambda *args, **kwargs: None  # outside a loop
     out = module.training_step(x[:10], 0)
     assert out["loss"].requires_grad
-    assert out["loss"].item() == pytest.approx(10 * (out["bce"] + out["kl"]).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(10 * (out["rec"] + out["kl"]).item(), rel=1e-5)
     for metric in trainer.callback_metrics:
         assert metric.startswith("train/")
-    assert {"train/bce", "train/kl", "train/loss"} <= set(trainer.callback_metrics)
+    assert {"train/rec", "train/kl", "train/loss"} <= set(trainer.callback_metrics)
 
 
 def test_bf16_mixed_precision_trains_with_fp32_loss_terms():

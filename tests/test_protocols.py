@@ -135,7 +135,7 @@ def test_log_importance_weights_average_to_the_elbo(mnist_dir):
     torch.manual_seed(0)
     model, x = VAE(), _datamodule(mnist_dir, "dynamic").test_x[:20]
     with torch.no_grad():
-        log_w, bce, mu, logvar = log_importance_weights(model, x, 4000, torch.Generator().manual_seed(0))
+        log_w, bce, _, mu, logvar = log_importance_weights(model, x, 4000, torch.Generator().manual_seed(0))
         elbo_bce, kl = elbo_terms(model, x, torch.Generator().manual_seed(1))
     # E[-log w] = BCE + KL, here with KL in closed form and the BCE from the same draws
     assert torch.allclose(-log_w.mean(0), bce.mean(0) + kl, atol=0.3), -log_w.mean(0) - bce.mean(0) - kl
@@ -172,7 +172,7 @@ def test_kl_warm_up_follows_its_linear_schedule_to_beta(mnist_dir, tmp_path):
     assert [step for step, _ in record.weights] == list(range(30))
     assert [w for _, w in record.weights] == pytest.approx([0.5 * min(1.0, step / 20) for step in range(30)])
     assert trainer.callback_metrics["train/loss"] == pytest.approx(
-        float(trainer.callback_metrics["train/bce"] + trainer.callback_metrics["train/kl"]), rel=1e-5
+        float(trainer.callback_metrics["train/rec"] + trainer.callback_metrics["train/kl"]), rel=1e-5
     )  # the logged loss is the ELBO itself, whatever the weight
 
 
@@ -241,7 +241,7 @@ def test_eval_of_a_binarized_checkpoint_uses_the_binarized_test_set(mnist_dir, t
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (evaluated["dataset"], evaluated["binarize"], evaluated["binarize_seed"]) == ("mnist", "static", 0)
     # the same test images, objective and noise give the same test numbers as the training run's
-    for key in ("test/loss", "test/bce", "test/kl", "test/iw_nll"):
+    for key in ("test/loss", "test/rec", "test/kl", "test/iw_nll"):
         assert evaluated[key] == pytest.approx(trained[key], abs=1e-4), key
     assert "binarized test set" in evaluated["note"]
     assert "on the data it was trained on (dataset=mnist, binarize=static, binarize_seed=0)" in result.stdout

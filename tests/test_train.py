@@ -25,13 +25,13 @@ def test_three_epochs_match_the_reference_notebook_and_every_file_is_written(run
     with (run_dir / "epochs.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert list(rows[0]) == ["epoch", "train/loss", "train/bce", "train/kl", "val/loss", "val/bce", "val/kl"]
+    assert list(rows[0]) == ["epoch", "train/loss", "train/rec", "train/kl", "val/loss", "val/rec", "val/kl"]
     # the reference notebook's epoch-3 train loss is 114.66 (114.32 with its loop and seed 0 here)
     assert 100 < float(rows[-1]["train/loss"]) < 117
     assert float(rows[0]["train/loss"]) > float(rows[1]["train/loss"]) > float(rows[2]["train/loss"])
     for r in rows:
-        assert float(r["train/loss"]) == pytest.approx(float(r["train/bce"]) + float(r["train/kl"]), abs=1e-3)
-        assert float(r["val/loss"]) == pytest.approx(float(r["val/bce"]) + float(r["val/kl"]), abs=1e-3)
+        assert float(r["train/loss"]) == pytest.approx(float(r["train/rec"]) + float(r["train/kl"]), abs=1e-3)
+        assert float(r["val/loss"]) == pytest.approx(float(r["val/rec"]) + float(r["val/kl"]), abs=1e-3)
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert last["epoch"] == EPOCHS - 1  # written after every epoch, not only when val/loss improves
     best = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
@@ -61,15 +61,15 @@ def test_samples_png_is_one_row_of_ten_digits(run):
 def test_tensorboard_has_every_step_and_every_epoch(run):
     run_dir, _ = run
     scalars, images = read_scalars(run_dir)
-    for tag in ("train/bce_step", "train/kl_step", "train/loss_step"):
+    for tag in ("train/rec_step", "train/kl_step", "train/loss_step"):
         assert len(scalars[tag]) == EPOCHS * STEPS_PER_EPOCH, tag
-    for tag in ("train/bce", "train/kl", "train/loss", "val/bce", "val/kl", "val/loss"):
+    for tag in ("train/rec", "train/kl", "train/loss", "val/rec", "val/kl", "val/loss"):
         assert len(scalars[tag]) == EPOCHS, tag
-    assert {"test/bce", "test/kl", "test/loss"} <= set(scalars)
+    assert {"test/rec", "test/kl", "test/loss"} <= set(scalars)
     assert "samples" in images
     # the epoch value is the per-step values weighted by batch size: sum over images / images
     sizes = np.array([128] * (STEPS_PER_EPOCH - 1) + [60000 - 128 * (STEPS_PER_EPOCH - 1)])
-    for term in ("bce", "kl"):
+    for term in ("rec", "kl"):
         steps = np.array([e.value for e in sorted(scalars[f"train/{term}_step"], key=lambda e: e.step)])
         per_epoch = steps.reshape(EPOCHS, STEPS_PER_EPOCH) @ sizes / sizes.sum()
         logged = [e.value for e in sorted(scalars[f"train/{term}"], key=lambda e: e.step)]
@@ -88,7 +88,7 @@ def test_one_set_of_test_numbers_in_metrics_json_tensorboard_and_the_report(run)
     run_dir, result = run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scalars, _ = read_scalars(run_dir)
-    for key in ("test/loss", "test/bce", "test/kl", "test/iw_nll"):
+    for key in ("test/loss", "test/rec", "test/kl", "test/iw_nll"):
         [logged] = scalars[key]
         assert metrics[key] == logged.value, key  # TensorBoard keeps float32, as the test pass computed it
         assert f"{key:<17} {metrics[key]:9.3f}" in result.stdout, key

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from vae_lightning.likelihoods import bce_from_logits, sum_log_sigmoid_
+from vae_lightning.likelihoods import sum_log_sigmoid_
 from vae_lightning.model import VAE
 
 
@@ -27,8 +27,8 @@ def iw_log_likelihood(
 
     Memory stays bounded whatever k: samples are drawn ``chunk_rows // len(x)`` at a time and
     folded into a running log-sum-exp. The decoder's sums run in fp32 whatever the weights' dtype.
-    Decoders whose logits are linear in a last hidden layer (every MLP) take the fast path
-    (``_log_px_linear_head``); any other net the generic one. Both draw the same z.
+    A Bernoulli decoder whose logits are linear in a last hidden layer (every MLP) takes the fast
+    path (``_log_px_linear_head``); any other net or likelihood the generic one. Both draw the same z.
     """
     mu, logvar = (t.float() for t in model.encode(x.to(model.dtype)))
     std = torch.exp(0.5 * logvar)
@@ -52,11 +52,11 @@ def iw_log_likelihood(
 
 
 def _log_px_generic(model: VAE, x: Tensor):
-    """log p(x | z) for z (kc, n, d), by the decoder's logits and the Bernoulli likelihood."""
+    """log p(x | z) for z (kc, n, d), by the decoder's logits and the model's likelihood."""
     dtype = model.dtype
 
     def log_px(z: Tensor) -> Tensor:
-        return -bce_from_logits(model.decode_logits(z.to(dtype)).float(), x)
+        return -model.reconstruction_nll(model.decode_logits(z.to(dtype)).float(), x)
 
     return log_px
 

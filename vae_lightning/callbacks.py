@@ -17,7 +17,7 @@ from torchvision.utils import save_image
 
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.errors import DivergenceError
-from vae_lightning.names import EPOCH_COLUMNS, EPOCH_METRICS, STEP_METRICS
+from vae_lightning.names import EPOCH_COLUMNS, EPOCH_METRICS, STEP_METRICS, current_name
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import loss_curves, sample_grid, upscale
 
@@ -27,7 +27,7 @@ def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
 
 
 class TrainingHistory(L.Callback):
-    """The record of a run: every optimizer step's per-image BCE and KL, and every epoch's
+    """The record of a run: every optimizer step's per-image rec (-log p(x|z)) and KL, and every epoch's
     train and val metrics.
 
     Step values stay on the device and are sent to the loggers (TensorBoard) in blocks of
@@ -50,14 +50,14 @@ class TrainingHistory(L.Callback):
         self.flush_every = flush_every
         self.epochs: list[dict[str, float]] = []
         self.steps = torch.empty(0, dtype=torch.long)  # logger step of each value (0-based)
-        self.step_values = torch.empty(0, 3)  # (steps, [bce, kl, loss]) per image, on the CPU
+        self.step_values = torch.empty(0, 3)  # (steps, [rec, kl, loss]) per image, on the CPU
         self._pending: list[torch.Tensor] = []  # not yet flushed, still on the device
         self._pending_steps: list[int] = []
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._pending.append(torch.stack([outputs["bce"], outputs["kl"], outputs["per_image_loss"]]))
+        self._pending.append(torch.stack([outputs["rec"], outputs["kl"], outputs["per_image_loss"]]))
         self._pending_steps.append(trainer.global_step - 1)  # as Lightning numbers on_step logs
         if len(self._pending) >= self.flush_every:
             self._flush_steps(trainer)
@@ -108,8 +108,8 @@ class TrainingHistory(L.Callback):
         self.step_values = torch.cat([self.step_values, values])
         self.steps = torch.cat([self.steps, steps])
         for logger in trainer.loggers if trainer else []:
-            for step, (bce, kl, loss) in zip(steps.tolist(), values.tolist(), strict=True):
-                values_at_step = {"bce": bce, "kl": kl, "loss": loss}
+            for step, (rec, kl, loss) in zip(steps.tolist(), values.tolist(), strict=True):
+                values_at_step = {"rec": rec, "kl": kl, "loss": loss}
                 logger.log_metrics({STEP_METRICS[term]: value for term, value in values_at_step.items()}, step)
         if trainer is None:
             return
@@ -119,10 +119,10 @@ class TrainingHistory(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bool(len(bad)), all=False):
             if not len(bad):
                 raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
-            step, (bce, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
+            step, (rec, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
             raise _diverged(
                 trainer,
-                f"the per-image loss became {loss:.4g} (BCE {bce:.4g}, KL {kl:.4g}) "
+                f"the per-image loss became {loss:.4g} (rec {rec:.4g}, KL {kl:.4g}) "
                 f"at step {step + 1} of epoch {trainer.current_epoch + 1}",
             )
 
@@ -151,10 +151,10 @@ class TrainingHistory(L.Callback):
         return {"epochs": self.epochs, "steps": self.steps.clone(), "step_values": self.step_values.clone()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.epochs = list(state_dict["epochs"])
+        self.epochs = [{current_name(k): v for k, v in row.items()} for row in state_dict["epochs"]]
         self.steps = state_dict["steps"]
         values = state_dict["step_values"]
-        if values.shape[1] == 2:  # written before the loss had its own column: it was bce + kl
+        if values.shape[1] == 2:  # written before the loss had its own column: it was rec + kl
             values = torch.cat([values, values.sum(1, keepdim=True)], 1)
         self.step_values = values
 

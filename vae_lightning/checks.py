@@ -8,7 +8,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
+from vae_lightning.likelihoods import LIKELIHOODS
 from vae_lightning.nets import net_settings
+from vae_lightning.priors import PRIORS
 
 
 def _positive_int(value: object) -> bool:
@@ -25,6 +27,9 @@ VALUE_CHECKS = (
     ("model.latent_dim", _positive_int, "an integer >= 1"),
     ("model.lr", _positive_number, "a number > 0"),
     ("model.input_dim", _positive_int, "an integer >= 1"),
+    ("model.likelihood", lambda v: v in LIKELIHOODS, f"one of {', '.join(LIKELIHOODS)}"),
+    ("model.prior", lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}"),
+    ("model.prior_components", _positive_int, "an integer >= 1 (mixture components or pseudo-inputs)"),
     ("model.k", _positive_int, "an integer >= 1 (importance samples per image)"),
     ("model.beta", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
     ("model.kl_warmup_epochs", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),

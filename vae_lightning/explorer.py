@@ -61,7 +61,8 @@ def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[
         caption = f"the {MAX_SLIDERS} leading principal directions of the test set's E[z|x], in standard deviations"
     images = (test_x[picks].float().cpu() * 255).round().to(torch.uint8).numpy()
     return {
-        "input_dim": model.input_dim, "latent_dim": d, "decoder": page_ops(model), "mean": "sigmoid",
+        "input_dim": model.input_dim, "latent_dim": d, "decoder": page_ops(model),
+        "likelihood": model.settings["likelihood"],
         "origin": _float32(origin), "basis": [_float32(b) for b in basis], "basis_names": names,
         "basis_caption": caption, "test_images": _b64(images), "test_means": _float32(mu_all[picks]),
         "test_labels": test_y[picks].tolist(), "class_names": class_names,

@@ -38,10 +38,10 @@ class Decoder(nn.Module):
 
     def __init__(self, vae: VAE) -> None:
         super().__init__()
-        self.net = vae.decoder
+        self.net, self.likelihood = vae.decoder, vae.likelihood
 
     def forward(self, z: Tensor) -> Tensor:
-        return torch.sigmoid(self.net(z))
+        return self.likelihood.mean(self.net(z))
 
 
 def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
@@ -72,10 +72,19 @@ def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
             from safetensors.torch import save_file
 
             path = out / f"{name}.safetensors"
-            # the layers' names as in the VAE's own state_dict: both files load into VAE(**vae.json)
+            # the layers' names as in the VAE's own state_dict: the files load into VAE(**vae.json)
             weights = {k: v.contiguous() for k, v in module.net.state_dict().items()}
+            if name == "decoder":  # a learned variance (gaussian) goes with the decoder
+                weights.update({f"likelihood.{k}": v.contiguous() for k, v in vae.likelihood.state_dict().items()})
             save_file(weights, str(path), metadata={"vae": json.dumps(settings)})
         written.append(path)
+    if fmt == "safetensors" and vae.prior.state_dict():  # a learned prior: what sample_z draws from
+        from safetensors.torch import save_file
+
+        save_file(
+            {f"prior.{k}": v.contiguous() for k, v in vae.prior.state_dict().items()}, str(out / "prior.safetensors")
+        )
+        written.append(out / "prior.safetensors")
     return written
 
 

@@ -1,10 +1,13 @@
-"""p(x | z): the decoder's logits scored against the pixels. Bernoulli for now; the reconstruction
-term every objective logs is its negative log-likelihood summed over pixels."""
+"""p(x | z): the decoder's logits scored against the pixels (``model.likelihood``): Bernoulli (the
+reference notebook's), continuous Bernoulli, Gaussian. The reconstruction term every objective
+logs, ``rec``, is the chosen likelihood's -log p(x | z), summed over pixels (for the Bernoulli, the BCE)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -51,3 +54,77 @@ def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
     ``binary_cross_entropy(..., "sum")``. ``x`` broadcasts against ``logits`` (k draws of z per image)."""
     logits = at_least_fp32(logits)
     return _PixelSummedBCE.apply(logits, x.to(logits.dtype).expand_as(logits))
+
+
+def _log_cb_normalizer(logits: Tensor) -> Tensor:
+    """log C(lambda) of the continuous Bernoulli with lambda = sigmoid(l) (Loaiza-Ganem & Cunningham
+    2019, eq. 7): C = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), which is l / tanh(l / 2) in terms of
+    the logit; 2 + l^2 / 6 near l = 0, where the quotient is 0 / 0."""
+    small = logits.abs() < 1e-3
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    exact = torch.log(safe / torch.tanh(safe / 2))
+    return torch.where(small, torch.log(2 + logits.pow(2) / 6), exact)
+
+
+class Bernoulli(nn.Module):
+    """p(x|z) = prod_j lambda_j^x_j (1 - lambda_j)^(1 - x_j), lambda = sigmoid(logits): the reference
+    notebook's. A probability for 0/1 pixels; on continuous pixels, not normalised."""
+
+    name = "bernoulli"
+
+    def nll(self, logits: Tensor, x: Tensor) -> Tensor:
+        return bce_from_logits(logits, x)
+
+    def mean(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+class ContinuousBernoulli(nn.Module):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): the Bernoulli's form normalised
+    on [0, 1], so a true density for continuous pixels. -log p = BCE - log C(lambda) per pixel. Its
+    mean is not lambda (the paper's point: images drawn with lambda look sharper than the mean)."""
+
+    name = "continuous_bernoulli"
+
+    def nll(self, logits: Tensor, x: Tensor) -> Tensor:
+        logits = at_least_fp32(logits)
+        return bce_from_logits(logits, x) - _log_cb_normalizer(logits).sum(-1)
+
+    def mean(self, logits: Tensor) -> Tensor:
+        """E[x] = lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda)) = sigmoid(l) / tanh(l / 2) - 1 / l;
+        1/2 + l / 12 near l = 0."""
+        small = logits.abs() < 1e-3
+        safe = torch.where(small, torch.ones_like(logits), logits)
+        exact = torch.sigmoid(safe) / torch.tanh(safe / 2) - 1 / safe
+        return torch.where(small, 0.5 + logits / 12, exact)
+
+
+class Gaussian(nn.Module):
+    """p(x|z) = N(x; sigmoid(logits), diag(sigma^2)) with one learned variance per pixel, log sigma^2
+    kept in [-9, 2] (sigma from 0.011 to 2.7): a density on continuous pixels, which on 8-bit images
+    can exceed 1, so -log p can be negative (docs/protocols.md)."""
+
+    name = "gaussian"
+    LOG_VAR_RANGE = (-9.0, 2.0)
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.log_var = nn.Parameter(torch.zeros(input_dim))
+
+    def nll(self, logits: Tensor, x: Tensor) -> Tensor:
+        mean = torch.sigmoid(at_least_fp32(logits))
+        log_var = self.log_var.float().clamp(*self.LOG_VAR_RANGE)
+        per_pixel = (x.to(mean.dtype) - mean).pow(2) * torch.exp(-log_var) + log_var + math.log(2 * math.pi)
+        return 0.5 * per_pixel.sum(-1)
+
+    def mean(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits)
+
+
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian)}
+
+
+def build_likelihood(name: str, input_dim: int) -> nn.Module:
+    if name not in LIKELIHOODS:
+        raise ValueError(f"model.likelihood={name!r} is not one of {', '.join(LIKELIHOODS)}")
+    return Gaussian(input_dim) if name == "gaussian" else LIKELIHOODS[name]()

@@ -1,6 +1,6 @@
-"""The VAE in plain torch, assembled from parts: an encoder and a decoder (``nets``), the Bernoulli
-likelihood (``likelihoods``) and the standard normal prior (``priors``). Every consumer (objectives,
-bound, figures, report, export) speaks to it through these methods, never through its layers."""
+"""The VAE in plain torch, assembled from parts: an encoder and a decoder (``nets``), a likelihood
+(``likelihoods``) and a prior (``priors``). Every consumer (objectives, bound, figures, report,
+export) speaks to it through these methods, never through its layers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from vae_lightning.likelihoods import Bernoulli, build_likelihood
 from vae_lightning.nets import build_nets, net_settings
-from vae_lightning.priors import standard_normal_log_density
+from vae_lightning.priors import build_prior
 
 INIT_SCHEMES = ("default", "xavier_normal", "normal")
 # the reference notebook's net, and what a checkpoint without a net setting was trained with
@@ -18,9 +19,9 @@ REFERENCE_NET = {"name": "mlp", "hidden": [400], "activation": "relu"}
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu, exp(logvar)) from the encoder, z = mu + exp(logvar / 2) eps, p(x|z) Bernoulli
-    with the decoder's logits, p(z) = N(0, I). The default net is the reference notebook's
-    784 -> 400 (ReLU) -> 20 -> 400 (ReLU) -> 784.
+    """q(z|x) = N(mu, exp(logvar)) from the encoder, z = mu + exp(logvar / 2) eps, p(x|z) the
+    likelihood of the decoder's logits, p(z) the prior. The defaults are the reference notebook's:
+    784 -> 400 (ReLU) -> 20 -> 400 (ReLU) -> 784, Bernoulli, N(0, I).
 
     ``settings`` is the model as plain data (what a checkpoint stores; ``VAE(**settings)`` builds it
     again). The state_dict names layers as the nets do, flat: the reference net's are the notebook's.
@@ -33,16 +34,22 @@ class VAE(nn.Module):
         latent_dim: int = 20,
         init: str = "default",
         init_std: float = 0.01,
+        likelihood: str = "bernoulli",
+        prior: str = "normal",
+        prior_components: int = 500,
     ) -> None:
         super().__init__()
         if init not in INIT_SCHEMES:
             raise ValueError(f"model.init={init!r} is not one of {', '.join(INIT_SCHEMES)}")
         net = net_settings(REFERENCE_NET if net is None else net)
         self.settings = {"net": net, "input_dim": input_dim, "latent_dim": latent_dim, "init": init,
-                         "init_std": init_std}  # fmt: skip
+                         "init_std": init_std, "likelihood": likelihood, "prior": prior,
+                         "prior_components": prior_components}  # fmt: skip
         self.input_dim, self.latent_dim = input_dim, latent_dim
         self.encoder, self.decoder = build_nets(net, input_dim, latent_dim)
-        init_weights(self, init, init_std)
+        init_weights(self, init, init_std)  # the nets' layers; the draws below come after theirs
+        self.likelihood = build_likelihood(likelihood, input_dim)
+        self.prior = build_prior(prior, input_dim, latent_dim, prior_components)
         layers = [name for part in (self.encoder, self.decoder) for name, _ in part.named_children()]
         if len(set(layers)) != len(layers):
             raise ValueError(f"the {net['name']} net's encoder and decoder share a layer name: {sorted(layers)}")
@@ -75,33 +82,42 @@ class VAE(nn.Module):
         return self.decoder(z.reshape(-1, z.shape[-1])).view(*z.shape[:-1], self.input_dim)
 
     def decode(self, z: Tensor) -> Tensor:
-        """Pixel probabilities (the Bernoulli means), as the reference notebook's ``decode``."""
-        return torch.sigmoid(self.decode_logits(z))
+        """The likelihood's mean: pixel probabilities for the Bernoulli, as the reference notebook's ``decode``."""
+        return self.likelihood.mean(self.decode_logits(z))
+
+    def reconstruction_nll(self, logits: Tensor, x: Tensor) -> Tensor:
+        """-log p(x | z) per image, summed over pixels, from the decoder's logits (the BCE for the Bernoulli)."""
+        return self.likelihood.nll(logits, x)
+
+    def kl(self, mu: Tensor, logvar: Tensor, z: Tensor) -> Tensor:
+        """KL(q(z|x) || p(z)) per image: closed-form for N(0, I), else log q(z|x) - log p(z) at ``z``."""
+        return self.prior.kl(mu, logvar, z, self.encode)
+
+    def log_prior(self, z: Tensor) -> Tensor:
+        """log p(z), summed over latent dimensions."""
+        return self.prior.log_prob(z, self.encode)
 
     def sample_z(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws from the prior, on the model's device; the same generator seed gives the same z
         on any device (drawn on the generator's device, then moved)."""
-        device = generator.device if generator is not None else self.device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        z = self.prior.sample(n, self.latent_dim, generator, self.encode)
         return z.to(self.device, self.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n images decoded from prior draws, as pixel probabilities (n, input_dim)."""
+        """n images decoded from prior draws, as the likelihood's means (n, input_dim)."""
         return self.decode(self.sample_z(n, generator))
-
-    @staticmethod
-    def log_prior(z: Tensor) -> Tensor:
-        """log p(z), summed over latent dimensions."""
-        return standard_normal_log_density(z)
 
     def linear_head(self) -> tuple[Any, Tensor, Tensor] | None:
         """(features, W, b) when the logits are W features(z) + b, as in every MLP decoder: the bound
         then needs no k x pixels pass for what is linear in the logits (``bound``). None otherwise."""
         layer = getattr(self.decoder, "output_layer", None)
-        return (self.decoder.features, layer.weight, layer.bias) if isinstance(layer, nn.Linear) else None
+        if not isinstance(layer, nn.Linear) or not isinstance(self.likelihood, Bernoulli):
+            return None
+        return self.decoder.features, layer.weight, layer.bias
 
     def page_ops(self) -> list[dict[str, Any]]:
-        """The decoder's operations as plain data for the report's in-page decoder (logits out)."""
+        """The decoder's operations as plain data for the report's in-page decoder (logits out; the
+        page applies the likelihood's mean, ``settings["likelihood"]``)."""
         return self.decoder.page_ops()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -44,16 +44,16 @@ class PerImageMean(Metric):
 
 
 class VAEModule(L.LightningModule):
-    """Optimises the summed BCE + KL (the reference notebook's loss) and logs it per image.
+    """Optimises the summed -log p(x|z) + KL (the reference notebook's BCE + KL) and logs it per image.
 
     ``objective=elbo`` weighs the KL by ``beta``, ramped up linearly from 0 over the first
     ``kl_warmup_epochs`` (Sonderby et al. 2016); ``objective=iwae`` optimises the k-sample
     importance-weighted bound instead (Burda et al. 2015). ``loss`` is always the negative bound
-    the objective trains (the ELBO whatever beta, or the IWAE bound), and BCE and KL are logged
+    the objective trains (the ELBO whatever beta, or the IWAE bound), and rec and KL are logged
     for every objective, so runs with different objectives sit side by side.
 
-    ``train/bce_step`` etc. are the batch's per-image values at every step (returned by
-    ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/bce`` etc.
+    ``train/rec_step`` etc. are the batch's per-image values at every step (returned by
+    ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/rec`` etc.
     are the epoch's sum over images divided by images seen (the numbers the reference notebook prints),
     aggregated by ``PerImageMean`` over every image's value, so that they mean the same for
     any batch size and on any number of devices.
@@ -89,11 +89,14 @@ class VAEModule(L.LightningModule):
         latent_dim: int = 20,
         init: str = "default",
         init_std: float = 0.01,
+        likelihood: str = "bernoulli",
+        prior: str = "normal",
+        prior_components: int = 500,
         **training: object,
     ) -> VAEModule:
         """The module of ``conf/model/*.yaml``: the VAE built from its settings (``model.VAE``),
         handed to the module with the training settings."""
-        return cls(VAE(net, input_dim, latent_dim, init, init_std), **training)
+        return cls(VAE(net, input_dim, latent_dim, init, init_std, likelihood, prior, prior_components), **training)
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> VAEModule:
@@ -166,11 +169,11 @@ class VAEModule(L.LightningModule):
         self, x: Tensor, stage: str, noise: torch.Generator | None = None, kl_weight: float = 1.0
     ) -> dict[str, Tensor]:
         if self.hparams.objective == "iwae":
-            bce, kl, neg_bound = iwae_terms(self.model, x, self.hparams.k, noise)
+            rec, kl, neg_bound = iwae_terms(self.model, x, self.hparams.k, noise)
         else:
-            (bce, kl), neg_bound = elbo_terms(self.model, x, noise), None
-        terms = {"bce": bce.detach(), "kl": kl.detach()}
-        terms["loss"] = terms["bce"] + terms["kl"] if neg_bound is None else neg_bound.detach()
+            (rec, kl), neg_bound = elbo_terms(self.model, x, noise), None
+        terms = {"rec": rec.detach(), "kl": kl.detach()}
+        terms["loss"] = terms["rec"] + terms["kl"] if neg_bound is None else neg_bound.detach()
         for term, values in terms.items():
             metric_name = metric(stage, term)
             mean = self.means[f"{stage}_{term}"]
@@ -186,9 +189,9 @@ class VAEModule(L.LightningModule):
         if neg_bound is not None:
             graph_loss = neg_bound.sum()
         elif kl_weight != 1.0:
-            graph_loss = bce.sum() + kl_weight * kl.sum()
+            graph_loss = rec.sum() + kl_weight * kl.sum()
         else:
-            graph_loss = bce.sum() + kl.sum()
+            graph_loss = rec.sum() + kl.sum()
         return {"graph_loss": graph_loss, **{t: v.mean() for t, v in terms.items()}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
@@ -199,7 +202,7 @@ class VAEModule(L.LightningModule):
         # Lightning backpropagates "loss": the sum over the batch, not the mean. The step's
         # per-image values go out with it, still on the device; TrainingHistory logs them in
         # blocks (a self.log per step costs more than the step itself on a CPU).
-        return {"loss": out["graph_loss"], "bce": out["bce"], "kl": out["kl"], "per_image_loss": out["loss"]}
+        return {"loss": out["graph_loss"], "rec": out["rec"], "kl": out["kl"], "per_image_loss": out["loss"]}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._shared_step(batch, "val")

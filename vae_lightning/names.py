@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 STAGES = ("train", "val", "test")
-TERMS = ("loss", "bce", "kl")  # the per-image loss is bce + kl
+# per image, in nats: rec = -log p(x|z) under the model's likelihood (the BCE for the Bernoulli, as
+# runs before likelihoods were parts called it: "bce"), kl = KL(q(z|x) || p(z)); loss = rec + kl
+TERMS = ("loss", "rec", "kl")
+RENAMED_TERMS = {"bce": "rec"}
+
+
+def current_name(key: str) -> str:
+    """A metric or column name as this version calls it: ``train/bce`` of an older run is ``train/rec``."""
+    stage, sep, term = key.rpartition("/")
+    for old, new in RENAMED_TERMS.items():
+        if term == old or term.startswith(f"{old}_"):
+            return f"{stage}{sep}{new}{term[len(old) :]}"
+    return key
 
 
 def metric(stage: str, term: str) -> str:

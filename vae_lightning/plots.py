@@ -24,18 +24,19 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def loss_curves(
-    step_bce: Sequence[float],
+    step_rec: Sequence[float],
     step_kl: Sequence[float],
     epochs: Sequence[Mapping[str, float]],
 ) -> Figure:
-    """A 2 x 2 figure: reconstruction loss (BCE) and KL per image, against optimizer step
-    (every step, with a running mean) and against epoch (train and validation)."""
+    """A 2 x 2 figure: reconstruction loss (-log p(x|z), the BCE for a Bernoulli decoder) and KL per
+    image, against optimizer step (every step, with a running mean) and against epoch (train and
+    validation)."""
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2)
-    steps = np.arange(1, len(step_bce) + 1)
+    steps = np.arange(1, len(step_rec) + 1)
     window = max(1, len(steps) // 100)
     for row, (key, label, values) in enumerate(
-        (("bce", "reconstruction loss (BCE)", step_bce), ("kl", "KL divergence", step_kl))
+        (("rec", "reconstruction loss, -log p(x|z)", step_rec), ("kl", "KL divergence", step_kl))
     ):
         values = np.asarray(values, dtype=float)
         ax = axes[row, 0]

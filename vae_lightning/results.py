@@ -41,6 +41,8 @@ def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
     return {
         "latent_dim": cfg.model.latent_dim,
         "net": net_label(cfg.model.net),
+        "likelihood": cfg.model.get("likelihood", "bernoulli"),
+        "prior": cfg.model.get("prior", "normal"),
         "lr": cfg.model.lr,
         "init": cfg.model.init,
         "objective": cfg.model.get("objective", "elbo"),

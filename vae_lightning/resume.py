@@ -78,9 +78,13 @@ def check_same_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig) -> Non
             "continue; pass a run dir or a checkpoint written by vae_lightning.train"
         )
     saved_vae = vae_settings_from_hparams(saved)
-    now = {"net": net_settings(model_cfg.net), "input_dim": model_cfg.input_dim, "latent_dim": model_cfg.latent_dim}
+    shape = ("input_dim", "latent_dim", "likelihood", "prior", "prior_components")
+    now = {"net": net_settings(model_cfg.net), **{key: model_cfg[key] for key in shape if key in model_cfg}}
     now.update({key: model_cfg[key] for key in CHECKED_TRAINING_KEYS if key in model_cfg})
-    was = {**{key: saved_vae.get(key) for key in ("net", "input_dim", "latent_dim")}, **saved}
+    defaults = {"likelihood": "bernoulli", "prior": "normal", "prior_components": model_cfg.get("prior_components")}
+    was = {**defaults, **{key: saved_vae[key] for key in ("net", *shape) if key in saved_vae}, **saved}
+    if was.get("prior") == "normal":  # the number of components means nothing without them
+        now.pop("prior_components", None)
     differ = [
         f"model.{key}={_shown(now[key])} (the checkpoint has {_shown(was[key])})"
         for key in now

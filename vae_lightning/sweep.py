@@ -15,7 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS
+from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json
 from vae_lightning.workarounds import set_for_every_job
 
@@ -36,7 +36,7 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     for job in jobs:
         metrics = read_json(job / "metrics.json")
         status = "failed (no readable metrics.json)" if metrics is None else metrics.get("status", "completed")
-        metrics = metrics or {}
+        metrics = {current_name(key): value for key, value in (metrics or {}).items()}  # older runs' names too
         varied = " ".join(o for o in overrides[job] if o not in common)
         row: dict[str, Any] = {"job": job.name, "overrides": varied, "status": status}
         for key in SUMMARY_COLUMNS[3:]:
