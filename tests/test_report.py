@@ -123,3 +123,21 @@ def test_report_cli_rebuilds_a_runs_report(trained_run, tmp_path):
     result = run_cli("vae_lightning.report", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "report.html").stat().st_size > 1_000_000
+
+
+@pytest.mark.slow
+def test_a_link_follows_what_is_shown_and_a_bad_link_says_so(report):
+    page, run_dir, errors, _ = report
+    page.click("#test-12")  # a 1
+    z = page.evaluate("() => window.explorer.z")
+    linked = page.evaluate("() => location.hash")
+    assert linked.startswith("#z=") and [float(v) for v in linked[3:].split(",")] == pytest.approx(z, abs=1e-4)
+    page.goto((run_dir / "report.html").as_uri() + "#z=1,2,3")
+    page.reload()
+    said = page.locator("#z-error").inner_text()
+    assert said == "This link's #z= has 3 numbers; this model needs 20 (comma-separated). Showing another z."
+    assert page.locator("#z-error").is_visible()
+    table = page.locator("table").first.inner_text()
+    assert "test/active_units" in table and " of 20" in table and "20.000" not in table
+    assert page.locator("img[alt='samples_100']").count() == 1
+    assert errors == []

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from vae_lightning.model import VAE
-from vae_lightning.names import FINAL_METRICS
+from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS
 from vae_lightning.outputs import replaced_atomically
 
-FIGURES = ("loss_curves", "samples", "reconstructions", "interpolations", "latent_scatter", "manifold")
+FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold")
 GALLERY_PER_CLASS = 10
 MAX_SLIDERS = 32  # beyond this many latent dimensions, sliders follow the leading principal directions
 
@@ -73,12 +73,20 @@ def _png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def report_html(run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str]) -> str:
+def _shown(key: str, value: float, metrics: dict[str, Any]) -> str:
+    if key == ACTIVE_UNITS:  # a count, of the latent dimensions
+        return f"{value:.0f} of {metrics.get('latent_dim', '?')}"
+    return f"{value:.3f}"
+
+
+def report_html(
+    run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str], data_dir: str | None = None
+) -> str:
     """The page for the run in ``run_dir`` (its metrics.json, figures and .hydra/config.yaml,
     whichever exist) and the weights of ``model``."""
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     rows = [
-        f"<tr><td>{html.escape(key)}</td><td class='num'>{metrics[key]:.3f}</td></tr>"
+        f"<tr><td>{html.escape(key)}</td><td class='num'>{_shown(key, metrics[key], metrics)}</td></tr>"
         for key in FINAL_METRICS
         if isinstance(metrics.get(key), int | float)
     ]
@@ -91,6 +99,8 @@ def report_html(run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class
     config = run_dir / ".hydra" / "config.yaml"
     data = json.dumps(explorer_data(model, test_x, test_y, class_names)).replace("</", "<\\/")
     subtitle = f"{run_dir} · checkpoint {metrics.get('checkpoint', '?')} · {metrics.get('epochs', '?')} epochs"
+    if data_dir:  # the settings may say data_dir: null (found by VAE_DATA_DIR or the default)
+        subtitle += f" · data from {data_dir}"
     page = resources.files("vae_lightning").joinpath("explorer.html").read_text()
     parts = {
         "__TITLE__": html.escape(run_dir.name),
@@ -106,7 +116,8 @@ def report_html(run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class
 def write_report(run_dir: Path, model: VAE, datamodule: Any) -> Path:
     """Write ``run_dir/report.html`` whole; ``datamodule`` holds the test set and its class names."""
     path = run_dir / "report.html"
-    page = report_html(run_dir, model, datamodule.test_x, datamodule.test_y, datamodule.class_names)
+    data_dir = str(getattr(datamodule, "data_dir", "") or "") or None
+    page = report_html(run_dir, model, datamodule.test_x, datamodule.test_y, datamodule.class_names, data_dir)
     with replaced_atomically(path) as partial:
         partial.write_text(page)
     return path

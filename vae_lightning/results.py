@@ -33,7 +33,22 @@ def likelihood_note(metrics: dict[str, Any]) -> str:
     return CONTINUOUS_NOTE if metrics.get("binarize", "none") == "none" else BINARIZED_NOTE
 
 
-OUTPUT_FILES = ("epochs.csv", "loss_curves.png", "samples.png", "metrics.json", "checkpoints", "tensorboard")
+# what the end of a run lists, the report first; each with what it is
+OUTPUT_FILES = {
+    "report.html": "the run on one page: settings, metrics, figures, the latent explorer (open it in a browser)",
+    "metrics.json": "the final numbers",
+    "epochs.csv": "one row per epoch",
+    "loss_curves.png": "reconstruction loss and KL per step and per epoch",
+    "samples.png": "10 decoded draws from the prior",
+    "samples_100.png": "100 of them",
+    "reconstructions.png": "test digits above their reconstructions",
+    "interpolations.png": "decoded points between pairs of test digits",
+    "latent_scatter.png": "the test set's E[z|x]",
+    "manifold.png": "the 2-D latent space decoded on a grid",
+    "checkpoints": "the best epoch's weights and the last epoch's (continue with ckpt_path=<this run dir>)",
+    "tensorboard": "curves and images: tensorboard --logdir <this run dir>",
+    "train.log": "everything printed, with times",
+}
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
@@ -59,14 +74,19 @@ def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
 
 
 def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
-    """Write ``metrics.json`` and the HPARAMS view of a finished run, then print the report."""
+    """Write ``metrics.json`` and the HPARAMS view of a finished run."""
     out = Path(cfg.paths.output_dir)
     if IW_NLL in metrics:
         metrics["note"] = likelihood_note(metrics)
     write_json(out / "metrics.json", metrics)
     for tb in (lg for lg in loggers if isinstance(lg, TensorBoardLogger)):
         tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in FINAL_METRICS if k in metrics})
-    lines = [f"Outputs in {out}"] + [f"  {out / name}" for name in OUTPUT_FILES if (out / name).exists()]
+
+
+def announce(out: Path, metrics: dict[str, Any]) -> None:
+    """Print (and log in train.log) every output of the finished run, the report first, and its numbers."""
+    lines = [f"Outputs in {out}"]
+    lines += [f"  {out / name}  ({what})" for name, what in OUTPUT_FILES.items() if (out / name).exists()]
     log.info("\n".join(lines + report_lines(metrics)))
 
 
