@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -16,6 +17,7 @@ from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.checks import check_hardware, validate_config
 from vae_lightning.data import MNISTDataModule
 from vae_lightning.errors import UserError
+from vae_lightning.launch import threads_for_this_run
 from vae_lightning.module import VAEModule
 from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu
 
@@ -37,6 +39,8 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     validate_config(cfg)
     check_hardware(cfg.trainer)
     skip_nvml_probe_without_gpu()
+    if (threads := threads_for_this_run(cfg.get("threads"))) is not None:
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build(cfg.data, "data")
     if "LOCAL_RANK" not in os.environ:  # the launching process: missing or corrupt data is said first

@@ -36,6 +36,7 @@ VALUE_CHECKS = (
     ("data.batch_size", _positive_int, "an integer >= 1"),
     ("data.eval_batch_size", _positive_int, "an integer >= 1"),
     ("trainer.max_epochs", _positive_int, "an integer >= 1"),
+    ("threads", lambda v: v is None or _positive_int(v), "an integer >= 1, or null (automatic)"),
     ("eval.k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 skips the evaluation)"),
 )
 

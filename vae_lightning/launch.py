@@ -1,7 +1,10 @@
-"""Where a run's processes and TensorBoard files go: the ``${tensorboard:...}`` resolver, how many
-processes the trainer config asks for, and ending a DDP process group cleanly."""
+"""Where a run's processes, threads and TensorBoard files go: the ``${tensorboard:...}`` resolver,
+how many processes the trainer config asks for and how many threads each uses, and ending a DDP
+process group cleanly."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +32,32 @@ def end_process_group() -> None:
     exception"), and Lightning then kills the whole sweep for a child that crashed on its way out."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a cgroup, a scheduler's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_for_this_run(threads: int | None) -> int | None:
+    """The CPU threads a run's math uses: ``threads`` when set; else none decided here when
+    ``OMP_NUM_THREADS`` is set (torch follows it); else the usable cores, shared evenly between the
+    jobs a parallel launcher (joblib) runs at once, so that jobs side by side do not fight over cores."""
+    if threads is not None:
+        return int(threads)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = usable_cores()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        launcher = HydraConfig.get().launcher
+        if "joblib" in str(launcher.get("_target_", "")):
+            n_jobs = launcher.get("n_jobs") or -1
+            at_once = cores if n_jobs < 0 else min(n_jobs, cores)
+            return max(1, cores // max(1, at_once))
+    return cores
 
 
 def processes(trainer_cfg: DictConfig) -> int:
