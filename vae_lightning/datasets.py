@@ -121,11 +121,15 @@ def _gunzip(src: Source, archive: Path, target: Path) -> None:
 def _download(src: Source, root: Path) -> None:
     print(f"Downloading {src.title} into {root / src.folder / 'raw'} ...", flush=True)
     chatter = io.StringIO()  # torchvision prints each failed mirror; we report once
+    made = [d for d in (root, root / src.folder, root / src.folder / "raw") if not d.exists()]
     try:
         with contextlib.redirect_stdout(chatter):
             for train in (True, False):
                 src.torchvision_class(str(root), train=train, download=True)
     except Exception as err:  # offline, mirror down, disk full: all end the same way
+        for folder in reversed(made):  # leave no empty folders behind (they would look like a dataset)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = lines[-1] if lines else type(err).__name__
         raise DataError(

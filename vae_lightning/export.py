@@ -17,6 +17,7 @@ from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.model import VAE
+from vae_lightning.workarounds import quiet_onnx_exporter
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -51,18 +52,19 @@ def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
     settings = vae.settings  # the net by name and its sizes: enough to build the VAE again
     (out / "vae.json").write_text(json.dumps(settings, indent=2) + "\n")
     parts = {
-        "encoder": (Encoder(vae), torch.rand(2, vae.input_dim), ["x"], ["mu", "logvar"]),
-        "decoder": (Decoder(vae), torch.randn(2, vae.latent_dim), ["z"], ["x"]),
+        "encoder": (Encoder(vae).eval(), torch.rand(2, vae.input_dim), ["x"], ["mu", "logvar"]),
+        "decoder": (Decoder(vae).eval(), torch.randn(2, vae.latent_dim), ["z"], ["x"]),
     }
     written = []
     for name, (module, example, inputs, outputs) in parts.items():
         if fmt == "onnx":
             path = out / f"{name}.onnx"
             batch = ({0: torch.export.Dim("n")},)  # any number of images or codes
-            torch.onnx.export(
-                module, (example,), path, input_names=inputs, output_names=outputs, dynamic_shapes=batch,
-                dynamo=True, external_data=False, verbose=False,
-            )  # fmt: skip
+            with quiet_onnx_exporter():
+                torch.onnx.export(
+                    module, (example,), path, input_names=inputs, output_names=outputs, dynamic_shapes=batch,
+                    dynamo=True, external_data=False, verbose=False,
+                )  # fmt: skip
         elif fmt == "torchscript":
             path = out / f"{name}.pt"
             with warnings.catch_warnings():  # torch deprecates TorchScript; it is the format asked for

@@ -3,11 +3,14 @@ rest of the project calls these and never reaches into Lightning, Hydra or torch
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,36 @@ def silence_unactionable_warnings() -> None:
     # the data are tensors on the training device, indexed once per batch: worker processes would
     # only copy them (Lightning suggests workers for every DataLoader)
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+    # a continued run writes into its own checkpoints/ by design (resume.py)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def silence_lightning_tips() -> None:
+    """Lightning 2.6 prints an advertisement for its cloud logger on every run that does not use it
+    (its logger connector's ``configure_logger``, with no setting to turn it off)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
+
+
+@contextlib.contextmanager
+def quiet_onnx_exporter() -> Iterator[None]:
+    """torch.onnx.export (dynamo) and onnxscript's optimiser print their passes ("No unused functions
+    to remove", ...) whatever ``verbose`` says, on stdout and through logging; a user sees only the
+    files written, and any real error still raises."""
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def datamodule_state(checkpoint: dict[str, Any], datamodule_class: type) -> Any:
