@@ -39,6 +39,13 @@ def test_three_epochs_match_the_reference_notebook_and_every_file_is_written(run
     ckpt = load_checkpoint(best[0])
     assert {"model.fc1.weight", "model.fc_mu.weight", "model.fc4.bias"} <= set(ckpt["state_dict"])
     assert f"Outputs in {run_dir}" in result.stdout and "test/loss" in result.stdout
+    listed = result.stdout.split(f"Outputs in {run_dir}")[1].splitlines()[1:]
+    assert listed[0].startswith(f"  {run_dir / 'report.html'}  (")  # the report first
+    assert any("train.log" in line for line in listed) and any("samples_100.png" in line for line in listed)
+    # output that is not a terminal gets one line per epoch, counted from 1, not a redrawn bar
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == [f"{e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
+    assert "train/loss" in epochs[0] and "val/loss" in epochs[0] and "left" in epochs[0] and "━" not in result.stdout
     log = (run_dir / "train.log").read_text()  # Lightning's messages and the report, with times
     assert "GPU available" in log and f"Outputs in {run_dir}" in log and "test/iw_nll" in log
 
