@@ -45,7 +45,8 @@ def test_three_epochs_match_the_reference_notebook_and_every_file_is_written(run
     # output that is not a terminal gets one line per epoch, counted from 1, not a redrawn bar
     epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epochs] == [f"{e}/{EPOCHS}" for e in range(1, EPOCHS + 1)]
-    assert "train/loss" in epochs[0] and "val/loss" in epochs[0] and "left" in epochs[0] and "Epoch 0" not in result.stdout
+    assert "train/loss" in epochs[0] and "val/loss" in epochs[0] and "left" in epochs[0]
+    assert "Epoch 0" not in result.stdout
     log = (run_dir / "train.log").read_text()  # Lightning's messages and the report, with times
     assert "GPU available" in log and f"Outputs in {run_dir}" in log and "test/iw_nll" in log
 
