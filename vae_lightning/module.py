@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -82,21 +85,12 @@ class VAEModule(L.LightningModule):
         self._logged_this_epoch: set[tuple[str, str]] = set()
 
     @classmethod
-    def from_settings(
-        cls,
-        net: dict | None = None,
-        input_dim: int = 784,
-        latent_dim: int = 20,
-        init: str = "default",
-        init_std: float = 0.01,
-        likelihood: str = "bernoulli",
-        prior: str = "normal",
-        prior_components: int = 500,
-        **training: object,
-    ) -> VAEModule:
-        """The module of ``conf/model/*.yaml``: the VAE built from its settings (``model.VAE``),
-        handed to the module with the training settings."""
-        return cls(VAE(net, input_dim, latent_dim, init, init_std, likelihood, prior, prior_components), **training)
+    def from_settings(cls, net: dict | None = None, **settings: Any) -> VAEModule:
+        """The module of ``conf/model/*.yaml``: the VAE built from its own settings (the arguments of
+        ``model.VAE``, their one source), handed to the module with the rest, the training settings."""
+        vae_keys = inspect.signature(VAE).parameters
+        vae = VAE(net, **{k: v for k, v in settings.items() if k in vae_keys})
+        return cls(vae, **{k: v for k, v in settings.items() if k not in vae_keys})
 
     @classmethod
     def from_hparams(cls, hparams: dict) -> VAEModule:
