@@ -93,3 +93,18 @@ def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):
     torch.save({"something": torch.zeros(3)}, path)
     with pytest.raises(UserError, match="is neither a vae_lightning checkpoint nor a VAE state_dict"):
         module_from_checkpoint(path)
+
+
+def test_a_checkpoints_strings_are_data_not_config(tmp_path, monkeypatch):
+    from helpers import compose_config
+
+    from vae_lightning.building import trained_data
+
+    monkeypatch.setenv("VAE_TEST_SECRET", "do-not-print")
+    data_cfg = compose_config("eval", tmp_path, "ckpt_path=x").data
+    for protocol in ({"dataset": "${oc.env:VAE_TEST_SECRET}"}, {"binarize": "${oc.env:VAE_TEST_SECRET}"},
+                     {"binarize_seed": "7"}):  # fmt: skip
+        with pytest.raises(UserError, match="is not a setting of this project") as caught:
+            trained_data(protocol, data_cfg)
+        assert "do-not-print" not in str(caught.value)
+    assert trained_data({"dataset": "fashion_mnist", "binarize": "dynamic"}, data_cfg).binarize == "dynamic"

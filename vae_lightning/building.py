@@ -15,7 +15,8 @@ from omegaconf import DictConfig
 
 from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.checks import check_hardware, validate_config
-from vae_lightning.data import MNISTDataModule
+from vae_lightning.data import BINARIZE, MNISTDataModule
+from vae_lightning.datasets import SOURCES
 from vae_lightning.errors import UserError
 from vae_lightning.launch import threads_for_this_run
 from vae_lightning.module import VAEModule
@@ -96,5 +97,18 @@ def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
     data_cfg = data_cfg.copy()
     for key in ("dataset", "binarize", "binarize_seed"):
         if key in protocol:
-            data_cfg[key] = protocol[key]
+            value = protocol[key]
+            # a checkpoint's values are data: checked, and never given to OmegaConf as a string it
+            # would resolve (a "${oc.env:...}" would read the user's environment)
+            valid = (
+                value in SOURCES
+                if key == "dataset"
+                else value in BINARIZE
+                if key == "binarize"
+                else (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63)
+            )
+            if not valid:
+                raise UserError(f"the checkpoint's data.{key}={value!r} is not a setting of this project; "
+                                "pass a checkpoint written by vae_lightning.train")  # fmt: skip
+            data_cfg[key] = value
     return data_cfg

@@ -107,10 +107,12 @@ def changed_data_settings(cfg: DictConfig, run_dir: Path) -> str:
     first = run_dir / ".hydra" / "config.yaml"
     if not first.is_file():
         return ""
-    started = OmegaConf.load(first).get("data", {})
+    # read as data, unresolved: a run dir is a file a user hands over, and its strings are not config
+    started = OmegaConf.to_container(OmegaConf.load(first), resolve=False).get("data") or {}
+    now = OmegaConf.to_container(cfg.data, resolve=False)
     changed = [
         f"data.{key}={value} (the run started with {started[key]})"
-        for key, value in cfg.data.items()
+        for key, value in now.items()
         if key in started and started[key] != value and key != "data_dir"
     ]
     return f", with {', '.join(changed)}" if changed else ""
