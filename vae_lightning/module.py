@@ -64,7 +64,7 @@ class VAEModule(L.LightningModule):
 
     def __init__(
         self,
-        vae: VAE | None = None,
+        vae: VAE | dict | None = None,
         lr: float = 1e-3,
         fused_adam: bool | None = None,
         objective: str = "elbo",
@@ -77,7 +77,10 @@ class VAEModule(L.LightningModule):
             raise ValueError(f"model.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
         if objective == "iwae" and (beta != 1 or kl_warmup_epochs):
             raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
-        vae = VAE() if vae is None else vae  # the reference notebook's
+        if vae is None:  # the reference notebook's
+            vae = VAE()
+        elif isinstance(vae, dict):  # its settings, as Lightning's load_from_checkpoint passes them back
+            vae = VAE(**vae)
         self.save_hyperparameters(ignore=["vae"])
         self.hparams["vae"] = vae.settings  # plain data: a checkpoint rebuilds its model from it, by name
         self.model = vae
