@@ -69,20 +69,24 @@ def _log_px_linear_head(model: VAE, x: Tensor, head):
     sum_j (x_j - 1/2) l_j = h . W^T (x - 1/2) + b . (x - 1/2). What is left per logit is |l| and
     ``sum_log_sigmoid_``, in place. The buffers are reused across chunks because fresh 100 MB
     tensors cost page faults every time."""
-    features, weight, bias = head
-    dtype = model.dtype
-    w, b = weight.float(), bias.float()
+    hidden_layers, activation, output = head
+    hidden = [(layer.weight.float().t(), layer.bias.float()) for layer in hidden_layers]
+    act_ = torch.Tensor.relu_ if activation == "relu" else torch.Tensor.tanh_
+    w, b = output.weight.float(), output.bias.float()
     n = len(x)
     h_coef = x @ w - 0.5 * w.sum(0)  # (n, hidden)
     b_coef = x @ b - 0.5 * b.sum()  # (n,)
-    buffers: dict[str, Tensor] = {}
+    buffers: list[Tensor] = []
 
     def log_px(z: Tensor) -> Tensor:
         kc, rows = z.shape[0], z.shape[0] * n
-        h = features(z.reshape(rows, -1).to(dtype)).float()
-        if "logits" not in buffers or buffers["logits"].shape[0] < rows:
-            buffers["logits"] = torch.empty(rows, w.shape[0], device=x.device)
-        l_abs = torch.addmm(b, h, w.t(), out=buffers["logits"][:rows]).abs_()
+        if not buffers or buffers[-1].shape[0] < rows:  # one per layer, reused by every chunk
+            buffers[:] = [torch.empty(rows, wt.shape[1], device=x.device) for wt, _ in hidden]
+            buffers.append(torch.empty(rows, w.shape[0], device=x.device))
+        h = z.reshape(rows, -1).float()
+        for (wt, bias), buffer in zip(hidden, buffers, strict=False):
+            h = act_(torch.addmm(bias, h, wt, out=buffer[:rows]))
+        l_abs = torch.addmm(b, h, w.t(), out=buffers[-1][:rows]).abs_()
         linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
         half_abs = 0.5 * l_abs.sum(-1).view(kc, n)
         return linear_part - half_abs + sum_log_sigmoid_(l_abs).view(kc, n)

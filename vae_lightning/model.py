@@ -107,13 +107,14 @@ class VAE(nn.Module):
         """n images decoded from prior draws, as the likelihood's means (n, input_dim)."""
         return self.decode(self.sample_z(n, generator))
 
-    def linear_head(self) -> tuple[Any, Tensor, Tensor] | None:
-        """(features, W, b) when the logits are W features(z) + b, as in every MLP decoder: the bound
-        then needs no k x pixels pass for what is linear in the logits (``bound``). None otherwise."""
+    def linear_head(self) -> tuple[list[nn.Linear], str, nn.Linear] | None:
+        """(hidden layers, their activation, output layer) when a Bernoulli decoder's logits are a
+        linear map of its last hidden layer, as in every MLP: the bound then needs no k x pixels
+        pass for what is linear in the logits (``bound``). None otherwise."""
         layer = getattr(self.decoder, "output_layer", None)
         if not isinstance(layer, nn.Linear) or not isinstance(self.likelihood, Bernoulli):
             return None
-        return self.decoder.features, layer.weight, layer.bias
+        return self.decoder.hidden_layers, self.decoder.activation, layer
 
     def page_ops(self) -> list[dict[str, Any]]:
         """The decoder's operations as plain data for the report's in-page decoder (logits out; the

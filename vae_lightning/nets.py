@@ -69,6 +69,11 @@ class MLPDecoder(nn.Module):
         return z
 
     @property
+    def hidden_layers(self) -> list[nn.Linear]:
+        """The layers ``features`` runs, each followed by ``activation``."""
+        return [getattr(self, name) for name in self.names]
+
+    @property
     def output_layer(self) -> nn.Linear:
         return getattr(self, self.out_name)
 
