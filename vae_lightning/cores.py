@@ -52,7 +52,7 @@ class ShareCores(L.Callback):
     def __init__(self, threads: int | None = None, every_seconds: float = 2.0) -> None:
         self.active = threads is None and not os.environ.get("OMP_NUM_THREADS") and competing_threads(1) is not None
         self.every_seconds, self.cores = every_seconds, usable_cores()
-        self._last_look, self._last_wanted = 0.0, None
+        self._last_look, self._last_wanted, self._given = 0.0, None, None
 
     def adjust(self) -> None:
         if not self.active or time.monotonic() - self._last_look < self.every_seconds:
@@ -67,7 +67,18 @@ class ShareCores(L.Callback):
         self._last_wanted = wanted
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._given is None:
+            self._given = torch.get_num_threads()
         self.adjust()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the process goes on after this stage (the test pass, or a caller's own work): it gets
+        # back the threads it had
+        if self.active and self._given is not None:
+            torch.set_num_threads(self._given)
+            self._last_wanted = None
+
+    on_test_end = on_validation_end = on_train_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self.adjust()
