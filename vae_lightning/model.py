@@ -4,6 +4,7 @@ export) speaks to it through these methods, never through its layers."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -39,8 +40,6 @@ class VAE(nn.Module):
         prior_components: int = 500,
     ) -> None:
         super().__init__()
-        if init not in INIT_SCHEMES:
-            raise ValueError(f"model.init={init!r} is not one of {', '.join(INIT_SCHEMES)}")
         net = net_settings(REFERENCE_NET if net is None else net)
         self.settings = {"net": net, "input_dim": input_dim, "latent_dim": latent_dim, "init": init,
                          "init_std": init_std, "likelihood": likelihood, "prior": prior,
@@ -159,9 +158,10 @@ def init_weights(model: nn.Module, scheme: str, std: float = 0.01) -> None:
 
 
 def vae_settings_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's VAE settings: its ``vae`` entry, or (checkpoints from before nets were parts)
-    the reference net with its old ``hidden_dim``."""
+    """A checkpoint's VAE settings, every one of them: its ``vae`` entry, or (checkpoints from before
+    nets were parts) the reference net with its old ``hidden_dim``; what it lacks is VAE's default."""
+    defaults = {name: p.default for name, p in inspect.signature(VAE).parameters.items()}
     if isinstance(hparams.get("vae"), dict):
-        return dict(hparams["vae"])
+        return {**defaults, **hparams["vae"]}
     settings = {k: hparams[k] for k in ("input_dim", "latent_dim", "init", "init_std") if k in hparams}
-    return {"net": {**REFERENCE_NET, "hidden": [int(hparams.get("hidden_dim", 400))]}, **settings}
+    return {**defaults, "net": {**REFERENCE_NET, "hidden": [int(hparams.get("hidden_dim", 400))]}, **settings}

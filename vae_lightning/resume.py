@@ -81,8 +81,7 @@ def check_same_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig) -> Non
     shape = ("input_dim", "latent_dim", "likelihood", "prior", "prior_components")
     now = {"net": net_settings(model_cfg.net), **{key: model_cfg[key] for key in shape if key in model_cfg}}
     now.update({key: model_cfg[key] for key in CHECKED_TRAINING_KEYS if key in model_cfg})
-    defaults = {"likelihood": "bernoulli", "prior": "normal", "prior_components": model_cfg.get("prior_components")}
-    was = {**defaults, **{key: saved_vae[key] for key in ("net", *shape) if key in saved_vae}, **saved}
+    was = {**saved_vae, **{key: saved[key] for key in CHECKED_TRAINING_KEYS if key in saved}}
     if was.get("prior") == "normal":  # the number of components means nothing without them
         now.pop("prior_components", None)
     differ = [
