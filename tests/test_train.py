@@ -3,13 +3,18 @@
 import csv
 import json
 import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from helpers import TRAINED_EPOCHS as EPOCHS
-from helpers import load_checkpoint, read_scalars
+from helpers import free_port, load_checkpoint, read_scalars
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from vae_lightning.tracking import CURVES, curves_url
 
 STEPS_PER_EPOCH = 469  # ceil(60000 / 128): the reference notebook keeps the last partial batch
 
@@ -35,7 +40,8 @@ def test_three_epochs_match_the_reference_notebook_and_every_file_is_written(run
     last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert last["epoch"] == EPOCHS - 1  # written after every epoch, not only when val/loss improves
     best = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
-    assert len(best) == 1
+    best_epoch = min(rows, key=lambda r: float(r["val/loss"]))["epoch"]  # counted from 1, as the file name
+    assert [p.name for p in best] == [f"epoch_{int(best_epoch):03d}.ckpt"]
     ckpt = load_checkpoint(best[0])
     assert {"model.fc1.weight", "model.fc_mu.weight", "model.fc4.bias"} <= set(ckpt["state_dict"])
     assert f"Outputs in {run_dir}" in result.stdout and "test/loss" in result.stdout
@@ -74,6 +80,7 @@ def test_tensorboard_has_every_step_and_every_epoch(run):
     for tag in ("train/rec", "train/kl", "train/loss", "val/rec", "val/kl", "val/loss"):
         assert len(scalars[tag]) == EPOCHS, tag
     assert {"test/rec", "test/kl", "test/loss"} <= set(scalars)
+    assert "epoch" not in scalars  # Lightning's straight line, which TensorBoard showed first
     assert "samples" in images
     # the epoch value is the per-step values weighted by batch size: sum over images / images
     sizes = np.array([128] * (STEPS_PER_EPOCH - 1) + [60000 - 128 * (STEPS_PER_EPOCH - 1)])
@@ -120,3 +127,33 @@ def test_tensorboard_has_the_samples_of_every_epoch_and_the_projector(run):
     assert len(labels) == 10000 and set(labels) == {str(d) for d in range(10)}
     assert len((folder / "tensors.tsv").read_text().splitlines()) == 10000
     assert Image.open(folder / "sprite.png").size == (28 * 100, 28 * 100)
+
+
+@pytest.mark.slow
+def test_tensorboard_opens_on_the_train_and_val_curves(run, browser):
+    run_dir, result = run
+    port = free_port()
+    board = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir / "tensorboard"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = curves_url(port)
+        assert curves_url() in result.stdout  # the end of the run gives the address
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        deadline = time.monotonic() + 120
+        while True:  # TensorBoard takes a few seconds to listen
+            try:
+                page.goto(url)
+                break
+            except Exception:
+                assert board.poll() is None and time.monotonic() < deadline, "TensorBoard did not start"
+                time.sleep(1)
+        tags = page.locator("metrics-pinned-view tb-truncated-path.tag")
+        tags.first.wait_for(timeout=60_000)
+        assert tags.evaluate_all("els => els.map(e => e.title)") == list(CURVES)
+        page.screenshot(path=str(run_dir / "tensorboard_first_view.png"))
+    finally:
+        board.terminate()
+        board.wait()

@@ -9,11 +9,31 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.workarounds import refused_global
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with ``{epoch}`` in file names counted from 1, as the progress
+    lines, ``epochs.csv`` and the report count (the reference notebook prints "Epoch: 1" first):
+    the 94th epoch's weights are ``epoch_094.ckpt``, not Lightning's ``epoch_093.ckpt``."""
+
+    def format_checkpoint_name(
+        self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None, prefix: str | None = None
+    ) -> str:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's key, so that runs checkpointed before this class continue with their best
+        # score, and find_checkpoint reads which file is best
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 def find_checkpoint(path: str | Path, which: Literal["best", "last"]) -> Path:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
 from vae_lightning.nets import net_label
 from vae_lightning.outputs import read_json, write_json
+from vae_lightning.tracking import curves_url
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ OUTPUT_FILES = {
     "latent_scatter.png": "the test set's E[z|x]",
     "manifold.png": "the 2-D latent space decoded on a grid",
     "checkpoints": "the best epoch's weights and the last epoch's (continue with ckpt_path=<this run dir>)",
-    "tensorboard": "curves and images: tensorboard --logdir <this run dir>",
+    "tensorboard": "curves and images: tensorboard --logdir <this run dir>, then the address below",
     "train.log": "everything printed, with times",
 }
 
@@ -87,6 +88,8 @@ def announce(out: Path, metrics: dict[str, Any]) -> None:
     """Print (and log in train.log) every output of the finished run, the report first, and its numbers."""
     lines = [f"Outputs in {out}"]
     lines += [f"  {out / name}  ({what})" for name, what in OUTPUT_FILES.items() if (out / name).exists()]
+    if (out / "tensorboard").exists():
+        lines.append(f"TensorBoard with the train and val curves pinned first: {curves_url()}")
     log.info("\n".join(lines + report_lines(metrics)))
 
 
