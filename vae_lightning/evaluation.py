@@ -23,8 +23,10 @@ from vae_lightning.names import ACTIVE_UNITS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import (
     interpolation_grid,
+    labelled_grid,
     latent_scatter,
     manifold_grid,
+    manifold_quantiles,
     reconstruction_grid,
     sample_grid,
     upscale,
@@ -86,6 +88,7 @@ class Evaluation(L.Callback):
     def write_figures(self, model: VAE, test_x: Tensor, labels: Tensor, mu: Tensor, trainer: L.Trainer) -> None:
         first, second = _first_of_each_class(labels, 0), _first_of_each_class(labels, 1)
         starts, ends = ([first[pair[i]] for pair in INTERPOLATION_PAIRS] for i in (0, 1))
+        class_names = trainer.datamodule.class_names
         images = {
             "reconstructions": reconstruction_grid(model, test_x[first + second]),
             "interpolations": interpolation_grid(model, test_x[starts], test_x[ends]),
@@ -95,10 +98,13 @@ class Evaluation(L.Callback):
             images["samples"] = sample_grid(model, 10, 10, self.sample_seed)
         if model.latent_dim == 2:
             images["manifold"] = manifold_grid(model)
+        labelled = figure_labels(class_names, INTERPOLATION_PAIRS)
         for name, grid in images.items():
             with replaced_atomically(self.out / f"{name}.png") as partial:
-                save_image(upscale(grid, self.scale), partial, format="png")
-        class_names = trainer.datamodule.class_names
+                if name in labelled:
+                    labelled_grid(grid, self.scale, **labelled[name]).savefig(partial, format="png")
+                else:
+                    save_image(upscale(grid, self.scale), partial, format="png")
         scatter = latent_scatter(mu, labels, class_names, trainer.datamodule.label_name)
         with replaced_atomically(self.out / "latent_scatter.png") as partial:
             scatter.savefig(partial, dpi=110, format="png")
@@ -114,6 +120,27 @@ class Evaluation(L.Callback):
                     label_img=test_x.float().cpu().view(-1, 1, side, side), global_step=trainer.global_step,
                     tag="test_mean_z",
                 )  # fmt: skip
+
+
+def figure_labels(class_names: list[str], pairs: list[tuple[int, int]]) -> dict[str, dict]:
+    """What labelled_grid writes beside the rows and under the columns of each figure."""
+    quantiles = [f"{q:.2f}" for q in manifold_quantiles().tolist()]
+    return {
+        "reconstructions": dict(
+            title="Test images, each above its reconstruction: the decoder's mean at E[z|x]",
+            row_labels=["test image", "reconstruction"] * 2, column_labels=class_names,
+        ),
+        "interpolations": dict(
+            title="Decoded points on the line from one test image's E[z|x] to another's",
+            row_labels=[f"{class_names[a]} → {class_names[b]}" for a, b in pairs],
+            column_labels=[f"{t:.2g}" for t in torch.linspace(0, 1, 10).tolist()],
+            bottom_title="t: decoded at (1 − t)·E[z|first] + t·E[z|second]",
+        ),
+        "manifold": dict(
+            title="The 2-D latent space decoded on a grid of Gaussian quantiles (5 % to 95 %)",
+            row_labels=quantiles[::-1], column_labels=quantiles, left_title="z[1]", bottom_title="z[0]",
+        ),
+    }  # fmt: skip
 
 
 def _first_of_each_class(labels: Tensor, occurrence: int) -> list[int]:

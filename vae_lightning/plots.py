@@ -124,10 +124,15 @@ def interpolation_grid(model: torch.nn.Module, x_from: Tensor, x_to: Tensor, ste
 def manifold_grid(model: torch.nn.Module, n: int = 20) -> Tensor:
     """For a 2-D latent space: digits decoded on an n x n grid of Gaussian quantiles
     (Kingma & Welling 2014, fig. 4); z1 grows to the right, z2 upwards."""
-    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    q = manifold_quantiles(n)
     z2, z1 = torch.meshgrid(q.flip(0), q, indexing="ij")
     z = torch.stack([z1.reshape(-1), z2.reshape(-1)], dim=1)
     return digit_grid(_digits(model, z), n)
+
+
+def manifold_quantiles(n: int = 20) -> Tensor:
+    """The values of z1 (left to right) and of z2 (bottom to top) on manifold_grid's axes."""
+    return torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
 
 
 def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str], label_name: str = "class") -> Figure:
@@ -152,4 +157,43 @@ def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str], label
     bar.ax.set_yticklabels(class_names)
     ax.set(xlabel=axis[0], ylabel=axis[1], title=f"E[z|x] of {len(points)} test images (latent_dim={mu.shape[1]})")
     ax.grid(alpha=0.3)
+    return fig
+
+
+# margins, in pixels, around a grid drawn pixel for pixel by labelled_grid; the grid's top left
+# corner is at (GRID_LEFT, GRID_TOP) in the PNG
+GRID_LEFT, GRID_TOP, _RIGHT, _BOTTOM, _DPI = 150, 34, 12, 44, 100
+_CELL = 30  # digit_grid's 28-px digits and 2-px gutters
+
+
+def labelled_grid(
+    grid: Tensor,
+    scale: int,
+    title: str,
+    row_labels: Sequence[str],
+    column_labels: Sequence[str] = (),
+    left_title: str = "",
+    bottom_title: str = "",
+) -> Figure:
+    """A digit grid drawn unresampled (each pixel ``scale`` x ``scale``, at a fixed offset from
+    the top left: ``(GRID_LEFT, GRID_TOP)``), a label beside each row and under each column, and a title."""
+    image = upscale(grid[:1], scale)[0].numpy()
+    height, width = image.shape
+    fig_w, fig_h = width + GRID_LEFT + _RIGHT, height + GRID_TOP + _BOTTOM
+    fig = Figure(figsize=(fig_w / _DPI, fig_h / _DPI), dpi=_DPI)
+    fig.figimage(image, xo=GRID_LEFT, yo=_BOTTOM, cmap="gray", vmin=0, vmax=1, origin="upper")
+
+    def text(x: float, y_from_top: float, s: str, **kw) -> None:
+        fig.text(x / fig_w, 1 - y_from_top / fig_h, s, **{"fontsize": 9, **kw})
+
+    text(GRID_LEFT, GRID_TOP / 2, title, ha="left", va="center", fontsize=10)
+    centre = scale * (2 + _CELL // 2 - 1)
+    for i, label in enumerate(row_labels):
+        text(GRID_LEFT - 8, GRID_TOP + centre + scale * _CELL * i, label, ha="right", va="center")
+    for j, label in enumerate(column_labels):
+        text(GRID_LEFT + centre + scale * _CELL * j, GRID_TOP + height + 4, label, ha="center", va="top")
+    if left_title:
+        text(12, GRID_TOP + height / 2, left_title, ha="left", va="center", rotation=90)
+    if bottom_title:
+        text(GRID_LEFT + width / 2, fig_h - 4, bottom_title, ha="center", va="bottom")
     return fig
