@@ -84,6 +84,7 @@ def test_cli_without_data_ends_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: MNIST not found") and "VAE_DATA_DIR" in line
+    assert not (tmp_path / "run").exists()  # no run dir holding only the failure
 
 
 @pytest.mark.slow

@@ -116,3 +116,23 @@ def record_failure(out: Path, reason: str) -> None:
         write_json(out / "metrics.json", {**(read_json(out / "metrics.json") or {}), "status": f"failed: {reason}"})
     except OSError:
         pass  # the disk that stopped the run may not take this either; the message is printed
+
+
+def discard_if_unstarted(out: Path) -> bool:
+    """Remove a single run's dir that holds nothing but what Hydra and the log wrote (the run failed
+    before training started: no data, a bad setting), so that ``logs/`` keeps runs, not failures;
+    the console said why. Anything else in it keeps it. True if it was removed."""
+    if rank_zero_only.rank != 0:
+        return False
+    ours = {out / ".hydra" / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+    ours |= {out / "train.log", out / "metrics.json"}
+    if any(path.is_file() and path not in ours or path.is_symlink() for path in out.rglob("*")):
+        return False
+    try:
+        for path in ours:
+            path.unlink(missing_ok=True)
+        (out / ".hydra").rmdir()
+        out.rmdir()
+    except OSError:
+        return False
+    return True

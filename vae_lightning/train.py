@@ -23,7 +23,7 @@ from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
-from vae_lightning.results import announce, record, record_failure
+from vae_lightning.results import announce, discard_if_unstarted, record, record_failure
 from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
@@ -100,9 +100,11 @@ def main(cfg: DictConfig) -> float | None:
             reason = f"the run crashed on {type(err).__name__}: {err} (traceback above)"
         reason += f"; {saved_progress(out)}"
     print(f"error: {reason}", file=sys.stderr)
-    record_failure(out, reason)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        record_failure(out, reason)
         return None  # the other jobs go on; the sweep summary lists this one as failed
+    if not discard_if_unstarted(out):
+        record_failure(out, reason)
     raise SystemExit(1)
 
 
