@@ -224,6 +224,11 @@ def test_continuing_with_other_model_settings_is_one_line(tmp_path, trained_run)
         f"error: {run_dir}/checkpoints/last.ckpt was trained with other settings: model.latent_dim=2 (the checkpoint "
         "has 20); continue it with the same model.* values, or start a new run without ckpt_path"
     ]
+    # refused in the run's own dir: the finished run is left as it was, not marked failed
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    in_place = run_cli("vae_lightning.train", f"ckpt_path={run_dir}", "model.latent_dim=2")
+    assert in_place.returncode == 1 and len(in_place.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

@@ -24,23 +24,22 @@ from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure
-from vae_lightning.resume import changed_data_settings, check_same_model, plan_resume
+from vae_lightning.resume import Resume, changed_data_settings, check_same_model, plan_resume
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, then test (and evaluate) the best checkpoint; write ``metrics.json`` and return the metrics."""
-    started = time.perf_counter()
+def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
+    """What this run is (new, continued, or finished before) and the checkpoint it continues, read
+    once; every refusal here comes before anything is written."""
     out = Path(cfg.paths.output_dir)
     sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if HydraConfig.initialized():
         check_new_keys(list(HydraConfig.get().overrides.task))
     resume = plan_resume(cfg.get("ckpt_path"), out, cfg.trainer.max_epochs, sweep_job)
     if resume.finished is not None:
-        log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
-        return resume.finished
+        return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
         check_same_model(resume.checkpoint, checkpoint, cfg.model)
@@ -48,6 +47,17 @@ def train(cfg: DictConfig) -> dict:
         log.info(f"Continuing {where} from {resume.checkpoint}{changed_data_settings(cfg, out)}")
     elif sweep_job and cfg.get("ckpt_path") == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
+    return resume, checkpoint
+
+
+def train(cfg: DictConfig, planned: tuple[Resume, dict | None] | None = None) -> dict:
+    """Fit, then test (and evaluate) the best checkpoint; write ``metrics.json`` and return the metrics."""
+    started = time.perf_counter()
+    out = Path(cfg.paths.output_dir)
+    resume, checkpoint = planned or plan(cfg)
+    if resume.finished is not None:
+        log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
+        return resume.finished
 
     if (count := processes(cfg.trainer)) > 1:
         log.info(f"{count} processes, each taking data.batch_size={cfg.data.batch_size} images a step")
@@ -83,7 +93,16 @@ def main(cfg: DictConfig) -> float | None:
     route_lightning_logs()
     out = Path(cfg.paths.output_dir)
     try:
-        metrics = train(cfg)
+        planned = plan(cfg)
+    except UserError as err:  # refused before anything was written: a finished run's dir stays as it was
+        print(f"error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failure(out, str(err))  # where the sweep summary finds why this job did not run
+            return None
+        discard_if_unstarted(out)
+        raise SystemExit(1) from None
+    try:
+        metrics = train(cfg, planned)
         end_process_group()
         return metrics.get(cfg.get("optimized_metric"))
     except SIGTERMException:  # a scheduler's stop or pre-emption: the whole sweep stops too
