@@ -4,7 +4,8 @@
 
 Each run is ``python -m vae_lightning.train trainer.max_epochs=<epochs> test=false eval.k=0`` into a
 temporary dir. Per round: the pair one after the other (wall time of both), then the pair started
-together (wall time until both end), each with the project's default threads and with
+together (wall time until both end), with the project's defaults, with OpenMP's own wait policy
+(its threads spin a while before they sleep: how torch runs when nothing sets it), and with
 ``threads=1``. Prints every round and the medians, with the machine's CPU and core count.
 """
 
@@ -28,8 +29,7 @@ def start(epochs: int, extra: list[str], env: dict[str, str], out: str) -> subpr
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def pair(epochs: int, extra: list[str], together: bool) -> float:
-    env = dict(os.environ)
+def pair(epochs: int, extra: list[str], together: bool, env: dict[str, str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         if together:
@@ -50,12 +50,19 @@ def main() -> None:
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"{platform.machine()}, {cpu}, {os.cpu_count()} cores, torch {torch.__version__}")
-    variants = {"default threads": [], "threads=1": ["threads=1"]}
+    # the project's default (a thread per core, OpenMP's threads sleeping while they wait), OpenMP's
+    # own policy (an empty value: the project leaves a set variable alone, OpenMP ignores it), one thread
+    unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    variants = {
+        "default": ([], unset),
+        "OpenMP's own wait policy": ([], {**unset, "OMP_WAIT_POLICY": ""}),
+        "threads=1": (["threads=1"], unset),
+    }
     times: dict[tuple[str, bool], list[float]] = {}
     for r in range(args.rounds):
-        for name, overrides in variants.items():
+        for name, (overrides, env) in variants.items():
             for together in (False, True):
-                seconds = pair(args.epochs, [*overrides, *args.extra], together)
+                seconds = pair(args.epochs, [*overrides, *args.extra], together, env)
                 times.setdefault((name, together), []).append(seconds)
                 print(
                     f"round {r + 1}: {name}, {'side by side' if together else 'one after the other'}: {seconds:.1f} s"

@@ -1,9 +1,11 @@
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from helpers import TRAINED_EPOCHS, run_cli
 
 from vae_lightning.datasets import default_data_dir, ensure_dataset
@@ -28,15 +30,23 @@ def mnist_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    """One real 3-epoch training run through the CLI, shared by the tests that read its outputs."""
-    run_dir = tmp_path_factory.mktemp("run")
-    result = run_cli(
-        "vae_lightning.train",
-        f"trainer.max_epochs={TRAINED_EPOCHS}",
-        f"data.data_dir={mnist_dir}",
-        f"hydra.run.dir={run_dir}",
-        "eval.k=20",
-    )
+    """One real 3-epoch training run through the CLI, shared by the tests that read its outputs (and,
+    under pytest-xdist, by every worker: the first to ask trains, the others wait and read it)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' common folder
+    run_dir, record = shared / "trained_run", shared / "trained_run.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            result = run_cli(
+                "vae_lightning.train",
+                f"trainer.max_epochs={TRAINED_EPOCHS}",
+                f"data.data_dir={mnist_dir}",
+                f"hydra.run.dir={run_dir}",
+                "eval.k=20",
+            )
+            record.write_text(json.dumps([result.args, result.returncode, result.stdout, result.stderr]))
+        result = subprocess.CompletedProcess(*json.loads(record.read_text()))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
 

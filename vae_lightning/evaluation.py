@@ -17,7 +17,6 @@ from torchvision.utils import save_image
 
 from vae_lightning.bound import active_units, iw_log_likelihood
 from vae_lightning.callbacks import sigterm_requested
-from vae_lightning.cores import share_cores
 from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
@@ -73,7 +72,6 @@ class Evaluation(L.Callback):
         for xb in test_x.split(self.batch_size):
             if sigterm_requested(trainer):  # checked between test batches, not in this long hook
                 raise SIGTERMException
-            share_cores(trainer)
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
             mus.append(model.encode(xb.to(model.dtype))[0].float())
             done += len(xb)
