@@ -39,5 +39,5 @@ def _cpu_seconds_while_idle(wait_policy: str | None) -> float:
 
 @pytest.mark.skipif(usable_cores() < 2, reason="needs two cores for two threads")
 def test_openmp_threads_sleep_while_they_wait_unless_the_user_chose():
-    assert _cpu_seconds_while_idle(None) < 0.1  # the project's default: they sleep
-    assert _cpu_seconds_while_idle("ACTIVE") > 0.3  # asked to spin, a thread spins through the 0.5 s
+    assert _cpu_seconds_while_idle(None) < 0.05  # the project's default: they sleep
+    assert _cpu_seconds_while_idle("ACTIVE") > 0.1  # asked to spin, a thread spins (on a busy machine, part of 0.5 s)
