@@ -196,12 +196,32 @@ def fashion_dir(mnist_dir):
 
 @pytest.mark.slow
 def test_fashion_mnist_trains_end_to_end_with_its_class_names(fashion_dir, tmp_path):
-    metrics = brief_run(tmp_path, fashion_dir, "data=fashion_mnist")
+    metrics = brief_run(tmp_path, fashion_dir, "data=fashion_mnist", "model.latent_dim=5")
     assert metrics["dataset"] == "fashion_mnist" and metrics["binarize"] == "none"
     assert metrics["test/loss"] > 200  # clothes are not digits: MNIST's loss after 30 steps is ~170
     projector = next((tmp_path / "tensorboard").glob("**/metadata.tsv")).read_text().splitlines()
     assert {"T-shirt/top", "Ankle boot"} <= set(projector) and "0" not in projector
     assert '"T-shirt/top"' in (tmp_path / "report.html").read_text()
+    # continued as the README says (ckpt_path=<run>, longer), naming neither dataset nor model: the
+    # run's own, Fashion-MNIST and 5 latents, not today's defaults
+    common = ["trainer.max_epochs=2", "+trainer.limit_train_batches=30", "eval.k=2", f"data.data_dir={fashion_dir}"]
+    continued = run_cli("vae_lightning.train", f"ckpt_path={tmp_path}", *common)
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    assert "with its own model.latent_dim=5, data.dataset=fashion_mnist" in continued.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["dataset"] == "fashion_mnist" and metrics["epochs"] == 2 and metrics["val/loss"] > 200
+    assert metrics["latent_dim"] == 5
+    with (tmp_path / "epochs.csv").open() as f:
+        assert [float(r["val/loss"]) > 200 for r in csv.DictReader(f)] == [True, True]
+    # another dataset named for the continuation is refused: it would change what the run means
+    before = (tmp_path / "metrics.json").read_bytes()
+    refused = run_cli("vae_lightning.train", f"ckpt_path={tmp_path}", "data=mnist", *common[1:], "trainer.max_epochs=3")
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/checkpoints/last.ckpt was trained with data.dataset=fashion_mnist, and a continued run "
+        "keeps its data: drop what sets data.dataset=mnist, or start a new run without ckpt_path"
+    ]
+    assert (tmp_path / "metrics.json").read_bytes() == before
 
 
 def _fashion_copy(src, dst):

@@ -56,6 +56,10 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     return datamodule, module, trainer
 
 
+# what the weights were trained on: a continued run keeps it, an evaluation uses it
+PROTOCOL_KEYS = ("dataset", "binarize", "binarize_seed", "val_split")
+
+
 def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
     """The module in a vae_lightning checkpoint or the reference notebook's own ``state_dict``
     (same layer names), and the data protocol it was trained on, from one read of the file. A
@@ -83,8 +87,14 @@ def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
         module.load_state_dict(weights)
     except RuntimeError as err:
         raise UserError(f"the weights in {ckpt} do not fit the VAE: {str(err).splitlines()[1].strip()}") from None
+    return module, checkpoint_protocol(state)
+
+
+def checkpoint_protocol(state: dict[str, Any]) -> dict[str, Any]:
+    """The data protocol a checkpoint was trained on, as it holds it (unchecked: see trained_data);
+    continuous MNIST for one that says none (the reference notebook's, or from before protocols)."""
     protocol = datamodule_state(state, MNISTDataModule) if "state_dict" in state else None
-    return module, protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
+    return protocol if isinstance(protocol, dict) else {"dataset": "mnist", "binarize": "none"}
 
 
 def module_from_checkpoint(ckpt: Path) -> VAEModule:
@@ -92,10 +102,10 @@ def module_from_checkpoint(ckpt: Path) -> VAEModule:
 
 
 def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
-    """Today's data settings with the checkpoint's protocol (dataset, binarization) in place of
-    today's: weights are evaluated on what they were trained on."""
+    """Today's data settings with the checkpoint's protocol (dataset, binarization, held-out split)
+    in place of today's: weights are evaluated, and continued, on what they were trained on."""
     data_cfg = data_cfg.copy()
-    for key in ("dataset", "binarize", "binarize_seed"):
+    for key in PROTOCOL_KEYS:
         if key in protocol:
             value = protocol[key]
             # a checkpoint's values are data: checked, and never given to OmegaConf as a string it
@@ -112,3 +122,20 @@ def trained_data(protocol: dict[str, Any], data_cfg: DictConfig) -> DictConfig:
                                 "pass a checkpoint written by vae_lightning.train")  # fmt: skip
             data_cfg[key] = value
     return data_cfg
+
+
+def continued_data(state: dict[str, Any], data_cfg: DictConfig, named: set[str], ckpt: Path) -> DictConfig:
+    """A continued run's data settings: its checkpoint's protocol, whatever today's defaults are. A
+    protocol setting the user names (``data=...``, ``data.<key>=...``, an experiment) must agree:
+    another dataset or protocol would change what the run means."""
+    protocol = checkpoint_protocol(state)
+    if "val_split" not in protocol and "state_dict" in state:
+        protocol = {**protocol, "val_split": 0}  # a checkpoint leaves the split out when there is none
+    kept = trained_data(protocol, data_cfg)
+    for key in PROTOCOL_KEYS:
+        if data_cfg.get(key) != kept.get(key) and named & {"data", f"data.{key}", "experiment"}:
+            raise UserError(
+                f"{ckpt} was trained with data.{key}={kept[key]}, and a continued run keeps its data: "
+                f"drop what sets data.{key}={data_cfg[key]}, or start a new run without ckpt_path"
+            )
+    return kept

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.model import vae_settings_from_hparams
+from vae_lightning.model import VAE, vae_settings_from_hparams
 from vae_lightning.module import TRAINING_KEYS
 from vae_lightning.nets import net_label, net_settings
 from vae_lightning.outputs import read_json
@@ -69,8 +70,11 @@ def plan_resume(ckpt_path: str | None, output_dir: str | Path, max_epochs: int, 
     return Resume(continuation.checkpoint if continuation else None)
 
 
-def check_same_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig) -> None:
-    """Refuse to continue ``checkpoint`` (read from ``ckpt``) with other model settings, in one line."""
+def keep_run_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig, named: set[str]) -> list[str]:
+    """A continued run keeps the model settings it was trained with: each one today's config would
+    change is set back to the checkpoint's, unless the user named it (``model=...``,
+    ``model.<key>=...``, ``model/net=...``, an experiment); a named one that differs is refused in one
+    line. Returns the settings kept, as ``model.<key>=<value>``."""
     saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict) or not ({"vae", "latent_dim"} & set(saved)) or "state_dict" not in checkpoint:
         raise UserError(
@@ -78,22 +82,41 @@ def check_same_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig) -> Non
             "continue; pass a run dir or a checkpoint written by vae_lightning.train"
         )
     saved_vae = vae_settings_from_hparams(saved)
+    try:  # a checkpoint's settings are data: only values a VAE accepts are taken into the config
+        with torch.random.fork_rng(devices=[]):  # the run's random numbers are not drawn from here
+            VAE(**saved_vae)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
     shape = ("input_dim", "latent_dim", "likelihood", "prior", "prior_components")
     now = {"net": net_settings(model_cfg.net), **{key: model_cfg[key] for key in shape if key in model_cfg}}
     now.update({key: model_cfg[key] for key in CHECKED_TRAINING_KEYS if key in model_cfg})
-    was = {**saved_vae, **{key: saved[key] for key in CHECKED_TRAINING_KEYS if key in saved}}
+    was = {**saved_vae, **{key: saved[key] for key in CHECKED_TRAINING_KEYS if _plain(saved.get(key))}}
     if was.get("prior") == "normal":  # the number of components means nothing without them
         now.pop("prior_components", None)
-    differ = [
-        f"model.{key}={_shown(now[key])} (the checkpoint has {_shown(was[key])})"
-        for key in now
-        if key in was and was[key] != now[key]
-    ]
-    if differ:
+    differ = [key for key in now if key in was and was[key] != now[key]]
+    if refused := [key for key in differ if _named(key, named)]:
+        shown = ", ".join(f"model.{key}={_shown(now[key])} (the checkpoint has {_shown(was[key])})" for key in refused)
         raise UserError(
-            f"{ckpt} was trained with other settings: {', '.join(differ)}; continue it with the same "
+            f"{ckpt} was trained with other settings: {shown}; continue it with the same "
             "model.* values, or start a new run without ckpt_path"
         )
+    for key in differ:
+        model_cfg[key] = was[key]
+    return [f"model.{key}={_shown(was[key])}" for key in differ]
+
+
+def _named(key: str, named: set[str]) -> bool:
+    """Whether the user's overrides set model setting ``key``."""
+    if {"model", "experiment"} & named:
+        return True
+    return any(n in (f"model.{key}", f"model/{key}") or n.startswith(f"model.{key}.") for n in named)
+
+
+def _plain(value: Any) -> bool:
+    """A number or a short name: what a training setting is (never a string OmegaConf would resolve)."""
+    if isinstance(value, str):
+        return value.isidentifier()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vae_lightning.building import build_run
+from vae_lightning.building import build_run, continued_data
 from vae_lightning.callbacks import sigterm_requested
 from vae_lightning.checkpoints import hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
@@ -24,7 +24,7 @@ from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure
-from vae_lightning.resume import Resume, changed_data_settings, check_same_model, plan_resume
+from vae_lightning.resume import Resume, changed_data_settings, keep_run_model, plan_resume
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,22 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     once; every refusal here comes before anything is written."""
     out = Path(cfg.paths.output_dir)
     sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if HydraConfig.initialized():
-        check_new_keys(list(HydraConfig.get().overrides.task))
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    check_new_keys(overrides)
     resume = plan_resume(cfg.get("ckpt_path"), out, cfg.trainer.max_epochs, sweep_job)
     if resume.finished is not None:
         return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
-        check_same_model(resume.checkpoint, checkpoint, cfg.model)
+        named = {override.split("=")[0].lstrip("+~") for override in overrides}
+        # the run's own model and data, not today's defaults
+        kept = keep_run_model(resume.checkpoint, checkpoint, cfg.model, named)
+        data = continued_data(checkpoint, cfg.data, named, resume.checkpoint)
+        kept += [f"data.{key}={data[key]}" for key in data if data[key] != cfg.data.get(key)]
+        cfg.data = data
         where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
-        log.info(f"Continuing {where} from {resume.checkpoint}{changed_data_settings(cfg, out)}")
+        its_own = f" with its own {', '.join(kept)}" if kept else ""
+        log.info(f"Continuing {where} from {resume.checkpoint}{its_own}{changed_data_settings(cfg, out)}")
     elif sweep_job and cfg.get("ckpt_path") == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
     return resume, checkpoint
