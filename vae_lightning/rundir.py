@@ -5,6 +5,7 @@ traceback."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -95,3 +96,10 @@ class RunDir(Callback):
 def _stop(reason: str) -> None:
     print(f"error: {reason}", file=sys.stderr)
     raise SystemExit(1)
+
+
+def forget_continuation(out: Path, output_subdir: str | None) -> None:
+    """Remove the ``.hydra/continued_<time>/`` that Hydra wrote for a continuation refused before it
+    started: the run's dir is left as it was."""
+    if output_subdir and output_subdir.startswith(".hydra/continued_"):
+        shutil.rmtree(out / output_subdir, ignore_errors=True)

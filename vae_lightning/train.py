@@ -25,6 +25,7 @@ from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure
 from vae_lightning.resume import Resume, changed_data_settings, keep_run_model, plan_resume
+from vae_lightning.rundir import forget_continuation
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def main(cfg: DictConfig) -> float | None:
         planned = plan(cfg)
     except UserError as err:  # refused before anything was written: a finished run's dir stays as it was
         print(f"error: {err}", file=sys.stderr)
+        forget_continuation(out, HydraConfig.get().output_subdir)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             record_failure(out, str(err))  # where the sweep summary finds why this job did not run
             return None
