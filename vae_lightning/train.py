@@ -57,11 +57,12 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     return resume, checkpoint
 
 
-def train(cfg: DictConfig, planned: tuple[Resume, dict | None] | None = None) -> dict:
-    """Fit, then test (and evaluate) the best checkpoint; write ``metrics.json`` and return the metrics."""
+def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
+    """Fit, then test (and evaluate) the best checkpoint of the ``plan``; write ``metrics.json``
+    and return the metrics."""
     started = time.perf_counter()
     out = Path(cfg.paths.output_dir)
-    resume, checkpoint = planned or plan(cfg)
+    resume, checkpoint = planned
     if resume.finished is not None:
         log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
         return resume.finished
@@ -102,13 +103,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         planned = plan(cfg)
     except UserError as err:  # refused before anything was written: a finished run's dir stays as it was
-        print(f"error: {err}", file=sys.stderr)
         forget_continuation(out, HydraConfig.get().output_subdir)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            record_failure(out, str(err))  # where the sweep summary finds why this job did not run
-            return None
-        discard_if_unstarted(out)
-        raise SystemExit(1) from None
+        return _failed(out, str(err), refused=True)
     try:
         metrics = train(cfg, planned)
         end_process_group()
@@ -126,11 +122,19 @@ def main(cfg: DictConfig) -> float | None:
             traceback.print_exc()
             reason = f"the run crashed on {type(err).__name__}: {err} (traceback above)"
         reason += f"; {saved_progress(out)}"
+    return _failed(out, reason)
+
+
+def _failed(out: Path, reason: str, refused: bool = False) -> None:
+    """Say why the job stopped. A sweep job records it where the sweep summary finds it, and the
+    other jobs go on. A single run's dir is removed when nothing started in it; otherwise the
+    reason is recorded there, unless the run was ``refused`` before it began (its dir stays as it
+    was). Then exit 1."""
     print(f"error: {reason}", file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         record_failure(out, reason)
-        return None  # the other jobs go on; the sweep summary lists this one as failed
-    if not discard_if_unstarted(out):
+        return None
+    if not discard_if_unstarted(out) and not refused:
         record_failure(out, reason)
     raise SystemExit(1)
 
