@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint bench clean
+.PHONY: install train test test-fast lint bench mlflow-ui clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/epoch_speed.py $(ARGS)
+
+# the MLflow UI over the runs logged with logger=mlflow (or many): http://127.0.0.1:5000
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath logs)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -5,6 +5,8 @@
     default config (Lightning Trainer, every default callback and logger, per-step logging),
     validation on the 10k test set included in each epoch;
 (b') the same with ``data.binarize=dynamic``: what drawing every training batch anew costs;
+(h) the same with ``logger=many``: TensorBoard, CSV and MLflow (its SQLite store): what a second
+    and third tracker cost, MLflow's per-step metrics included;
 (d) a bare PyTorch loop over the same preloaded tensor with fused Adam (no Lightning): what
     Lightning, logging and validation add on top of the compute;
 (g) Lightning's own floor: (d)'s step as the whole LightningModule, fed by the project's loader,
@@ -200,8 +202,9 @@ def project_epochs(data_dir: Path, epochs: int, overrides: list[str]) -> tuple[l
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"paths.output_dir={out}", f"data.data_dir={data_dir}", f"trainer.max_epochs={epochs}"]
-            + overrides,
+            # paths.log_dir: logger=mlflow's SQLite store, in the temporary dir too
+            overrides=[f"paths.output_dir={out}", f"paths.log_dir={out}", f"data.data_dir={data_dir}"]
+            + [f"trainer.max_epochs={epochs}", *overrides],
         )
         OmegaConf.resolve(cfg)
         timer = EpochTimer()
@@ -294,7 +297,7 @@ def main() -> None:
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     skip_nvml_probe_without_gpu()  # as build_run does for (b): no candidate pays torch's per-step NVML probe
-    reference, project, val, bare, lightning, floor, bound, bound_floors, dynamic = ([] for _ in range(9))
+    reference, project, val, bare, lightning, floor, bound, bound_floors, dynamic, many = ([] for _ in range(10))
     for r in range(args.rounds):
         # (b), (d) and (g) side by side: their ratios are taken round by round
         epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)
@@ -303,6 +306,7 @@ def main() -> None:
         bare += bare_loop_epochs(data_dir, args.epochs, device)
         lightning += lightning_floor_epochs(data_dir, args.epochs, device)
         dynamic += project_epochs(data_dir, args.epochs, [*overrides, "data.binarize=dynamic"])[0]
+        many += project_epochs(data_dir, args.epochs, [*overrides, "logger=many"])[0]
         reference += reference_loop_epochs(data_dir, args.epochs, device)
         floor.append(gemm_floor(device))
         bound.append(bound_seconds(data_dir, device, args.eval_images, args.eval_k))
@@ -310,6 +314,7 @@ def main() -> None:
         print(
             f"round {r + 1}/{args.rounds}: project {project[-1]:.2f} s, bare {bare[-1]:.2f} s, "
             f"Lightning's floor {lightning[-1]:.2f} s, dynamic binarization {dynamic[-1]:.2f} s, "
+            f"logger=many {many[-1]:.2f} s, "
             f"reference notebook {reference[-1]:.2f} s, bound {bound[-1]:.1f} s",
             flush=True,
         )
@@ -326,6 +331,7 @@ def main() -> None:
         "lightning_floor_over_bare": per_round_ratio(lightning, bare, args.rounds),
         "project_over_lightning_floor": per_round_ratio(project, lightning, args.rounds),
         "dynamic_over_project": per_round_ratio(dynamic, project, args.rounds),
+        "many_loggers_over_project": per_round_ratio(many, project, args.rounds),
         "bound_over_floor": per_round_ratio(bound, [g["seconds"] for g in bound_floors], args.rounds),
     }
 
@@ -341,6 +347,7 @@ def main() -> None:
         "project_s_per_epoch": spread(project),
         "validation_s_per_epoch": statistics.median(val),
         "dynamic_binarization_s_per_epoch": spread(dynamic),
+        "many_loggers_s_per_epoch": spread(many),
         "bare_loop_s_per_epoch": spread(bare),
         "lightning_floor_s_per_epoch": spread(lightning),
         "gemm_floor_s_per_epoch": c,
@@ -364,6 +371,7 @@ def main() -> None:
     print(row("(b) vae_lightning.train path", project))
     print(f"| of which validation on the 10k test images | {statistics.median(val):.2f} | |")
     print(row("(b') the same, data.binarize=dynamic", dynamic))
+    print(row("(h) the same, logger=many (TensorBoard, CSV, MLflow)", many))
     print(row("(d) bare loop, preloaded tensor, fused Adam", bare))
     print(row("(g) Lightning's floor: (d)'s step as a LightningModule, nothing else", lightning))
     print(f"| (c) GEMM floor ({result['gflop_per_epoch']:.0f} GFLOP at {rate:.0f} GFLOP/s) | {c:.2f} | |")
@@ -374,6 +382,7 @@ def main() -> None:
         f"\nmedians of the rounds' ratios: (a)/(b) = {ratio['reference_over_project']:.2f}x   "
         f"(b)/(d) = {ratio['project_over_bare']:.3f}x   (g)/(d) = {ratio['lightning_floor_over_bare']:.3f}x   "
         f"(b)/(g) = {ratio['project_over_lightning_floor']:.3f}x   (b')/(b) = {ratio['dynamic_over_project']:.3f}x   "
+        f"(h)/(b) = {ratio['many_loggers_over_project']:.3f}x   "
         f"(e)/(f) = {ratio['bound_over_floor']:.2f}x;   (b)/(c) = {b / c:.2f}x"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

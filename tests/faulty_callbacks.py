@@ -1,6 +1,9 @@
 """A callback that fails on purpose, for tests that start the CLI with
 ``+callbacks.crash._target_=faulty_callbacks.RaiseAtEpochEnd`` (tests/ on PYTHONPATH)."""
 
+import os
+import signal
+
 import lightning as L
 
 
@@ -32,3 +35,14 @@ class RaiseInTest(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise RuntimeError("a callback failed in the test pass")
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs its own process just before step ``step`` (1-based): a kill at a known point."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)

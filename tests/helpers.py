@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,7 +46,8 @@ def run_cli(module: str, *overrides: str, cwd: Path = REPO, env: dict | None = N
 def compose_config(name: str, output_dir: Path, *overrides: str) -> DictConfig:
     """``conf/<name>.yaml`` composed in-process as the CLI would, writing into ``output_dir``."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(name, overrides=[f"paths.output_dir={output_dir}", *overrides])
+        # paths.log_dir: where logger=mlflow keeps its store; a test's own, never the repo's logs/
+        cfg = compose(name, overrides=[f"paths.output_dir={output_dir}", f"paths.log_dir={output_dir}", *overrides])
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -154,3 +157,36 @@ def brief_run(run_dir: Path, mnist_dir: Path, *overrides: str, batches: int = 30
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+@contextmanager
+def mlflow_server(store: str) -> Iterator[tuple[str, Callable[[], None]]]:
+    """A real ``mlflow server`` on a free loopback port over the tracking store ``store``; yields its
+    address and a function that kills it (with the web server it starts)."""
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def kill() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    try:
+        wait_until(lambda: _answers(f"{url}/health"), proc, "mlflow server answered", timeout=120)
+        yield url, kill
+    finally:
+        kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -19,6 +19,7 @@ from vae_lightning.data import BINARIZE, MNISTDataModule
 from vae_lightning.datasets import SOURCES
 from vae_lightning.errors import UserError
 from vae_lightning.launch import threads_for_this_run
+from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.module import VAEModule
 from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu
 
@@ -51,6 +52,8 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     if cfg.get("test") and cfg.eval.k > 0:
         callbacks.append(build(cfg.eval, "eval"))
     loggers = [build(node, "logger") for node in cfg.get("logger", {}).values()]
+    for tracker in mlflow_loggers(loggers):  # its store answers, or one line, before training
+        tracker.open(cfg)
     callbacks += extra_callbacks or []
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

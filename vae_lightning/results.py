@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from vae_lightning.mlflow_logger import RUN_FILES, mlflow_loggers
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
 from vae_lightning.nets import net_label
 from vae_lightning.outputs import read_json, write_json
@@ -84,12 +85,21 @@ def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
         tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in FINAL_METRICS if k in metrics})
 
 
-def announce(out: Path, metrics: dict[str, Any]) -> None:
-    """Print (and log in train.log) every output of the finished run, the report first, and its numbers."""
+def send_outputs(out: Path, loggers: list) -> None:
+    """A finished run's report, numbers and figures, as artifacts of its MLflow run (logger=mlflow)."""
+    files = [out / name for name in RUN_FILES if (out / name).is_file()] + sorted(out.glob("*.png"))
+    for tracker in mlflow_loggers(loggers):
+        tracker.log_outputs(files)
+
+
+def announce(out: Path, metrics: dict[str, Any], loggers: list) -> None:
+    """Print (and log in train.log) every output of the finished run, the report first, where
+    its trackers show it, and its numbers."""
     lines = [f"Outputs in {out}"]
     lines += [f"  {out / name}  ({what})" for name, what in OUTPUT_FILES.items() if (out / name).exists()]
     if (out / "tensorboard").exists():
         lines.append(f"TensorBoard with the train and val curves pinned first: {curves_url()}")
+    lines += [tracker.where() for tracker in mlflow_loggers(loggers)]
     log.info("\n".join(lines + report_lines(metrics)))
 
 

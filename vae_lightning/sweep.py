@@ -15,6 +15,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from vae_lightning.errors import UserError
+from vae_lightning.mlflow_logger import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json
 from vae_lightning.workarounds import set_for_every_job
@@ -114,6 +116,11 @@ class SweepSummary(Callback):
         varied |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})  # an Optuna search's
         shared = sorted(set(keys) - varied)
         set_for_every_job(config, "hydra.job.config.override_dirname.exclude_keys", shared)
+        try:
+            open_sweep_run(config)  # with logger=mlflow: the sweep's parent run (after RunDir chose the dir)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -122,6 +129,7 @@ class SweepSummary(Callback):
         rows = summarise(sweep_dir)
         print(f"Sweep summary of {len(rows)} jobs: {sweep_dir / 'summary.md'}")
         failed = [row["job"] for row in rows if row["status"] != "completed"]
+        close_sweep_run(config, sweep_dir, bool(failed))
         if failed:  # the other jobs ran to the end; the exit code says not all of them finished
             which = f"{len(failed)} of {len(rows)} jobs failed ({', '.join(failed)})"
             print(f"error: {which}; see {sweep_dir / 'summary.md'}", file=sys.stderr)

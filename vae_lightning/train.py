@@ -23,7 +23,7 @@ from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
-from vae_lightning.results import announce, discard_if_unstarted, record, record_failure
+from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
 from vae_lightning.resume import Resume, changed_data_settings, keep_run_model, plan_resume
 from vae_lightning.rundir import forget_continuation
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
@@ -91,7 +91,8 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
     if trainer.is_global_zero:
         record(cfg, metrics, trainer.loggers)
         write_report(out, module.model.eval(), datamodule)  # the tested weights, in a page of its own
-        announce(out, metrics)
+        send_outputs(out, trainer.loggers)
+        announce(out, metrics, trainer.loggers)
     return metrics
 
 

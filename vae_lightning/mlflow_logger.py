@@ -1,0 +1,368 @@
+"""MLflow as a tracker (``logger=mlflow``): a run dir is one MLflow run, a sweep one parent run with
+a child run per job, and a continued run the same MLflow run, its step history without holes or
+repeats. The store is SQLite beside the runs unless the config names another."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lightning.errors import UserError
+
+EXPERIMENT = "vae_lightning"
+RUN_FILE = "mlflow.json"  # in a run dir (its MLflow run) and in a sweep dir (the parent run)
+RUN_DIR_TAG = "vae_lightning.run_dir"
+BATCH = 1000  # MLflow's limit of metrics in one log_batch request
+# what a finished run sends, beside the figures (*.png)
+RUN_FILES = ("report.html", "metrics.json", "epochs.csv")
+SWEEP_FILES = ("summary.md", "summary.csv", "summary_by_setting.csv")
+UI = "http://127.0.0.1:5000"  # mlflow server's own address
+T = TypeVar("T")
+
+
+def store(log_dir: str | Path, tracking_uri: str | None, artifact_location: str | None) -> tuple[str, str | None]:
+    """The tracking URI and artifact location: by default an SQLite file and a folder in the log
+    dir (MLflow 3's own default store, where the project keeps its runs); a server chooses where its
+    artifacts go unless told."""
+    if tracking_uri:
+        return tracking_uri, artifact_location
+    log_dir = Path(log_dir).resolve()
+    return f"sqlite:///{log_dir / 'mlflow.db'}", artifact_location or str(log_dir / "mlartifacts")
+
+
+def _bounded_and_quiet() -> None:
+    # a server that is down answers after MLflow's retries: 7 by default, minutes of backoff for
+    # each request; two are enough to ride out a blip without holding training up for long
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    for name in ("alembic", "mlflow"):  # the store's schema migrations say every step at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry, at WARNING
+
+
+def _client(tracking_uri: str):
+    _bounded_and_quiet()
+    from mlflow.tracking import MlflowClient
+
+    return _opened(tracking_uri, lambda: MlflowClient(tracking_uri))  # an SQLite store is opened here
+
+
+def _first_line(err: BaseException) -> str:
+    """What went wrong, short: the OS's reason under an HTTP client's wrapping ("Connection
+    refused"), else the error's first line."""
+    text = str(err).strip()
+    if errno := re.search(r"\[Errno -?\d+\] ([^\"')]+)", text):
+        return errno.group(1).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def _opened(tracking_uri: str, what: Callable[[], T]) -> T:
+    """``what()``, with a store that cannot be reached, opened or written as one line."""
+    try:
+        return what()
+    except Exception as err:
+        raise UserError(
+            f"the MLflow tracking store {tracking_uri} cannot be used: {_first_line(err)}; start it, free it, "
+            "or point logger.mlflow.tracking_uri at another (or use logger=tensorboard)"
+        ) from err
+
+
+def experiment_id(client, artifact_location: str | None) -> str:
+    """The project's experiment, made on first use (by one of several jobs starting at once)."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found is not None and found.lifecycle_stage != "deleted":
+        return found.experiment_id
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
+    except Exception:  # another job made it first
+        found = client.get_experiment_by_name(EXPERIMENT)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def flat_config(cfg: DictConfig) -> dict[str, str]:
+    """The composed config as MLflow params: ``model.latent_dim`` -> "20"."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)[:6000]  # MLflow's limit for a param's value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def _read_run_file(directory: Path) -> dict[str, str]:
+    try:
+        data = json.loads((directory / RUN_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class MLflow(MLFlowLogger):
+    """Lightning's MLFlowLogger, with what a run of this project needs around it:
+
+    - the run is opened when the logger is built, before training, so a store that is down,
+      locked or unwritable is one line before anything starts (Lightning opens it at the first log);
+    - metrics go in blocks of up to 1000 (MLflow's limit), sent when Lightning saves its loggers (after
+      each epoch's logs) and when the block is full: TrainingHistory gives every step, and one request per
+      step is the known trap of Lightning's logger (a request per log call);
+    - a continued run (its dir's ``mlflow.json``) is the same MLflow run, and steps MLflow already has are
+      not sent again (a continuation repeats the steps after its checkpoint, with the same values);
+    - a store lost mid-run is one warning; training goes on, and the end of the run says what was not sent.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        log_dir: str,
+        tracking_uri: str | None = None,
+        artifact_location: str | None = None,
+        log_model: bool | str = False,
+        metrics_per_request: int = BATCH,
+    ) -> None:
+        if importlib.util.find_spec("mlflow") is None:
+            raise UserError("logger=mlflow needs MLflow: pip install 'vae_lightning[mlflow]' (or logger=tensorboard)")
+        tracking_uri, artifact_location = store(log_dir, tracking_uri, artifact_location)
+        self.run_dir = Path(run_dir).resolve()
+        _bounded_and_quiet()
+        _opened(  # Lightning's logger opens an SQLite store here
+            tracking_uri,
+            lambda: super(MLflow, self).__init__(
+                experiment_name=EXPERIMENT,
+                run_name=run_name(self.run_dir, Path(log_dir)),
+                tracking_uri=tracking_uri,
+                artifact_location=artifact_location,
+                log_model=log_model,
+            ),
+        )
+        self._pending: list = []
+        self.metrics_per_request = min(metrics_per_request, BATCH)
+        self._sent_up_to: dict[str, int] = {}  # a continued run: the last step MLflow has of each metric
+        self.lost: str | None = None  # what stopped the logging, once the store stopped answering
+        self.unsent = 0
+
+    @rank_zero_only
+    def open(self, cfg: DictConfig) -> None:
+        """Find or make this run dir's MLflow run and log the composed config as its params."""
+        uri, client = self._tracking_uri, self._mlflow_client
+        self._experiment_id = _opened(uri, lambda: experiment_id(client, self._artifact_location))
+        mine = _read_run_file(self.run_dir)
+        run = None
+        if mine.get("tracking_uri") == uri and mine.get("run_id"):
+            run = _opened(uri, lambda: _existing_run(client, mine["run_id"]))
+        if run is None:
+            tags = {"mlflow.runName": self._run_name, RUN_DIR_TAG: str(self.run_dir)}
+            if parent := sweep_parent(uri):
+                tags["mlflow.parentRunId"] = parent
+            run = _opened(uri, lambda: client.create_run(self._experiment_id, tags=tags))
+            _write_run_file(self.run_dir, uri, run.info.run_id)
+        else:
+            _opened(uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
+            self._sent_up_to = _opened(uri, lambda: _last_steps(client, run))
+        self._run_id, self._initialized = run.info.run_id, True
+        self._log_params(cfg, run.data.params)
+
+    def _log_params(self, cfg: DictConfig, earlier: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        params = flat_config(cfg)
+        # MLflow never changes a param: what a continuation changed (more epochs) is a tag
+        new = [Param(k, v) for k, v in params.items() if k not in earlier]
+        changed = [RunTag(f"continued.{k}", v) for k, v in params.items() if k in earlier and earlier[k] != v]
+        for start in range(0, max(len(new), len(changed)), 100):
+            self._send(
+                lambda start=start: self._mlflow_client.log_batch(
+                    self._run_id, params=new[start : start + 100], tags=changed[start : start + 100]
+                )
+            )
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        """The params are the composed config (``open``); Lightning's copy of the module's is not needed."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        step = step or 0
+        now = _now_ms()
+        for key, value in metrics.items():
+            # Lightning's "epoch" is dropped as in tracking.TensorBoard (a straight line)
+            if key != "epoch" and step > self._sent_up_to.get(key, -1) and not isinstance(value, str):
+                self._pending.append(Metric(key, float(value), now, step))
+        if len(self._pending) >= self.metrics_per_request:
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        while self._pending:
+            block, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            self._send(lambda block=block: self._mlflow_client.log_batch(self._run_id, metrics=block), len(block))
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if not self._initialized:
+            return
+        self.save()
+        if self._checkpoint_callback:  # log_model=True: the checkpoints when training ends
+            self._send(lambda: self._scan_and_log_checkpoints(self._checkpoint_callback))
+        state = "FINISHED" if status in ("success", "finished") else "FAILED"
+        self._send(lambda: self._mlflow_client.set_terminated(self._run_id, state))
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._send(lambda: MLFlowLogger.after_save_checkpoint(self, checkpoint_callback))
+
+    @rank_zero_only
+    def log_outputs(self, files: list[Path]) -> None:
+        """Send a finished run's files (figures, report, metrics) as the run's artifacts; then say
+        what never reached the store, if it was lost."""
+        for path in files:
+            self._send(lambda path=path: self._mlflow_client.log_artifact(self._run_id, str(path)))
+        if self.lost:
+            print(
+                f"warning: MLflow has this run only up to where its store stopped answering ({self.lost}); "
+                f"not sent: {self.unsent} metric values and the run's files. Everything is in {self.run_dir}",
+                file=sys.stderr,
+            )
+
+    def where(self) -> str:
+        """Where a user sees this run: the MLflow UI's page of it."""
+        page = f"#/experiments/{self._experiment_id}/runs/{self._run_id}"
+        if self._tracking_uri.startswith("sqlite:"):
+            server = f"make mlflow-ui (or mlflow server --backend-store-uri {self._tracking_uri})"
+            return f"MLflow: {server}, then {UI}/{page}"
+        return f"MLflow: {self._tracking_uri.rstrip('/')}/{page}"
+
+    def _send(self, request: Callable[[], Any], values: int = 0) -> None:
+        """One request to the store. The first failure is one warning and the end of MLflow logging
+        for this run: the run goes on, and its own files keep everything."""
+        if self.lost:
+            self.unsent += values
+            return
+        try:
+            request()
+        except Exception as err:
+            self.lost, self.unsent = _first_line(err), self.unsent + values
+            print(
+                f"warning: the MLflow tracking store {self._tracking_uri} stopped answering ({self.lost}); "
+                "training goes on, the rest of this run is not sent to MLflow",
+                file=sys.stderr,
+            )
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def run_name(run_dir: Path, log_dir: Path) -> str:
+    """A run dir's name in MLflow: its path under the log dir (``train/runs/<time>``); a sweep job's
+    is its sweep's and what it varies, as TensorBoard names it."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        job = HydraConfig.get()
+        return f"{Path(job.sweep.dir).name}/{job.job.override_dirname or f'job_{job.job.num}'}"
+    try:
+        return str(run_dir.relative_to(log_dir.resolve()))
+    except ValueError:
+        return run_dir.name
+
+
+def _existing_run(client, run_id: str):
+    """The run a run dir's ``mlflow.json`` names, or None when the store no longer has it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def _last_steps(client, run) -> dict[str, int]:
+    """The last step MLflow holds of each of the run's metrics."""
+    return {key: max(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
+
+
+def _write_run_file(directory: Path, tracking_uri: str, run_id: str) -> None:
+    from vae_lightning.outputs import write_json
+
+    write_json(directory / RUN_FILE, {"tracking_uri": tracking_uri, "run_id": run_id})
+
+
+def sweep_parent(tracking_uri: str) -> str | None:
+    """The parent run of the sweep this job belongs to (``SweepRun`` made it), if any."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    parent = _read_run_file(Path(HydraConfig.get().sweep.dir))
+    return parent.get("run_id") if parent.get("tracking_uri") == tracking_uri else None
+
+
+def mlflow_loggers(loggers: list) -> list[MLflow]:
+    return [logger for logger in loggers if isinstance(logger, MLflow)]
+
+
+def _sweep_store(config: DictConfig) -> tuple[str, str | None] | None:
+    node = OmegaConf.select(config, "logger.mlflow")
+    if node is None:
+        return None
+    return store(config.paths.log_dir, node.get("tracking_uri"), node.get("artifact_location"))
+
+
+def open_sweep_run(config: DictConfig) -> None:
+    """A sweep that logs to MLflow is one parent run (its dir's ``mlflow.json``), made in the
+    launching process before its jobs start; each job's run is its child. A continued sweep
+    keeps its parent."""
+    if (where := _sweep_store(config)) is None:
+        return
+    uri, artifact_location = where
+    sweep_dir = Path(config.hydra.sweep.dir).resolve()
+    client = _client(uri)
+    earlier = _read_run_file(sweep_dir)
+    if earlier.get("tracking_uri") == uri and earlier.get("run_id"):
+        if _opened(uri, lambda: _existing_run(client, earlier["run_id"])) is not None:
+            _opened(uri, lambda: client.update_run(earlier["run_id"], status="RUNNING"))
+            return
+    experiment = _opened(uri, lambda: experiment_id(client, artifact_location))
+    tags = {"mlflow.runName": sweep_dir.name, RUN_DIR_TAG: str(sweep_dir)}
+    run = _opened(uri, lambda: client.create_run(experiment, tags=tags))
+    overrides = " ".join(config.hydra.overrides.task)
+    _opened(uri, lambda: client.log_param(run.info.run_id, "overrides", overrides[:6000]))
+    _write_run_file(sweep_dir, uri, run.info.run_id)
+
+
+def close_sweep_run(config: DictConfig, sweep_dir: Path, failed: bool) -> None:
+    """Send the sweep's summary tables to its parent run and mark it finished (or failed)."""
+    if (where := _sweep_store(config)) is None:
+        return
+    uri = where[0]
+    parent = _read_run_file(sweep_dir)
+    if parent.get("tracking_uri") != uri or not parent.get("run_id"):
+        return
+    client = _client(uri)
+    try:
+        for name in SWEEP_FILES:
+            if (sweep_dir / name).is_file():
+                client.log_artifact(parent["run_id"], str(sweep_dir / name))
+        client.set_terminated(parent["run_id"], "FAILED" if failed else "FINISHED")
+    except Exception as err:
+        print(f"warning: the sweep's summary was not sent to MLflow ({_first_line(err)})", file=sys.stderr)
