@@ -46,3 +46,11 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if trainer.global_step + 1 == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillInTest(L.Callback):
+    """SIGKILLs its own process in the test pass, after training finished."""
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGKILL)

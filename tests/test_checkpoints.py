@@ -1,6 +1,7 @@
 """No checkpoint runs code: every load goes through torch's safe unpickler."""
 
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,38 @@ def test_a_checkpoint_damaged_on_disk_is_refused(tmp_path):
     ckpt.write_bytes(bytes(data))
     with pytest.raises(UserError, match=rf"checkpoint {ckpt} is damaged \(archive/data/\d+ fails its checksum\)"):
         load_checkpoint(ckpt)
+
+
+def test_a_record_that_inflates_is_refused_from_its_header_before_inflating(tmp_path):
+    ckpt = tmp_path / "inflating.ckpt"
+    torch.save({"state_dict": VAEModule().state_dict()}, ckpt)
+    with zipfile.ZipFile(ckpt, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/99", bytes(200 << 20))  # 200 MB of zeros in about 200 KB
+    assert ckpt.stat().st_size < 4 << 20
+    inflated = []
+    real_read = zipfile.ZipExtFile.read
+    with pytest.MonkeyPatch.context() as patch:  # whether the check inflates anything
+        patch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: inflated.append(n) or real_read(self, n))
+        with pytest.raises(
+            UserError,
+            match=rf"checkpoint {ckpt} is not a file torch.save writes: its record "
+            r"archive/data/99 is compressed \(\d[\d,]* bytes that inflate to 209,715,200\)",
+        ):
+            load_checkpoint(ckpt)
+    assert inflated == []
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_an_inflating_checkpoint_in_one_line(tmp_path):
+    ckpt = tmp_path / "inflating.ckpt"
+    torch.save({"state_dict": VAEModule().state_dict()}, ckpt)
+    with zipfile.ZipFile(ckpt, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data/99", bytes(50 << 20))
+    for module, out in (("vae_lightning.eval", "eval"), ("vae_lightning.train", "train")):
+        result = run_cli(module, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / out}")
+        assert result.returncode == 1, module
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: checkpoint {ckpt} is not a file torch.save writes"), (module, line)
 
 
 def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):

@@ -23,6 +23,7 @@ from helpers import (
     SHORT,
     brief_run,
     compose_train,
+    epoch_rows,
     epochs_column,
     kill_early_in_epoch_2,
     load_checkpoint,
@@ -184,6 +185,71 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_an_uninterrupted_one(tmp_path
     callbacks = load_checkpoint(killed / "checkpoints" / "last.ckpt")["callbacks"]
     history = [v for k, v in callbacks.items() if "TrainingHistory" in k][0]
     assert len(history["steps"]) == 300  # the curves cover all three epochs
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_its_test_pass_is_completed_by_its_continuation(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    common = ["+trainer.limit_train_batches=30", "trainer.max_epochs=2", "eval.k=0", f"data.data_dir={mnist_dir}"]
+    kill = ["+callbacks.kill._target_=faulty_callbacks.KillInTest"]
+    killed = run_cli(
+        "vae_lightning.train", *common, *kill, f"hydra.run.dir={run_dir}", env={"PYTHONPATH": str(REPO / "tests")}
+    )
+    assert killed.returncode == -9
+    trained = json.loads((run_dir / "metrics.json").read_text())  # the finished training is kept
+    assert "val/loss" in trained and "test/loss" not in trained and not (run_dir / "report.html").exists()
+
+    continued = run_cli("vae_lightning.train", *common, f"ckpt_path={run_dir}")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("train/loss", "val/loss", "val/kl"):  # the training's numbers stay, unchanged
+        assert metrics[key] == pytest.approx(trained[key]), key
+    assert {"test/loss", "test/rec", "test/kl", "wall_seconds"} <= set(metrics) and metrics["epochs"] == 2
+    assert (run_dir / "report.html").is_file() and len(epoch_rows(run_dir)) == 2
+
+
+@pytest.mark.slow
+def test_a_run_dir_has_one_writer_and_a_finished_run_is_never_written_over(tmp_path, mnist_dir):
+    run_dir = tmp_path / "run"
+    common = ["+trainer.limit_train_batches=30", "eval.k=0", "test=false", f"data.data_dir={mnist_dir}"]
+    first = run_cli("vae_lightning.train", *common, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".writer.lock"}
+
+    over = run_cli("vae_lightning.train", *common, "trainer.max_epochs=1", f"hydra.run.dir={run_dir}")
+    assert over.returncode == 1
+    assert over.stderr.strip().splitlines() == [
+        f"error: hydra.run.dir={run_dir} holds a run already (checkpoints, epochs.csv, metrics.json); continue it "
+        f"with ckpt_path={run_dir}, or name a new dir"
+    ]
+    assert {p: p.read_bytes() for p in finished} == finished
+
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "vae_lightning.train", *common, "trainer.max_epochs=30", f"ckpt_path={run_dir}"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        lock = run_dir / ".writer.lock"
+        wait_until(lambda: lock.is_file() and f"process {writer.pid} " in lock.read_text(), writer, "it held the dir")
+        second = run_cli("vae_lightning.train", *common, "trainer.max_epochs=30", f"ckpt_path={run_dir}")
+        assert second.returncode == 1
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: {run_dir.resolve()} is being written by process {writer.pid} on ")
+        assert line.endswith("wait until it ends (or stop it) before continuing this run")
+        assert writer.poll() is None  # the first writer goes on
+    finally:
+        writer.kill()
+        writer.wait()
+    done = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["epoch"] + 1  # (epochs.csv may have one more)
+    fewer = run_cli("vae_lightning.train", *common, "trainer.max_epochs=1", f"ckpt_path={run_dir}")
+    assert fewer.returncode == 1 and fewer.stderr.strip().splitlines() == [
+        f"error: {run_dir.resolve()}/checkpoints/last.ckpt has trained {done} epochs, more than trainer.max_epochs=1; "
+        f"continue it with trainer.max_epochs={done} or more"
+    ]
+    # the killed writer's lock went with it: the run continues
+    again = run_cli("vae_lightning.train", *common, f"trainer.max_epochs={done + 1}", f"ckpt_path={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(epoch_rows(run_dir)) == done + 1
 
 
 @pytest.mark.slow

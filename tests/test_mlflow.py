@@ -87,6 +87,23 @@ def test_a_continued_run_is_the_same_mlflow_run_without_holes_or_repeats(continu
 
 
 @pytest.mark.slow
+def test_a_run_continued_with_mlflow_for_the_first_time_gets_its_whole_history(tmp_path, mnist_dir):
+    log_dir, run_dir = tmp_path / "logs", tmp_path / "run"
+    args = [*COMMON[:2], "test=false", f"data.data_dir={mnist_dir}", f"paths.log_dir={log_dir}"]
+    first = run_cli("vae_lightning.train", *args, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}")  # TensorBoard
+    assert first.returncode == 0, first.stderr[-3000:]
+    continued = run_cli("vae_lightning.train", *args, "trainer.max_epochs=3", "logger=mlflow", f"ckpt_path={run_dir}")
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    client = client_for(log_dir)
+    (run,) = runs_of(client)
+    assert steps_and_values(client, run.info.run_id, "train/kl_step")[0] == list(range(3 * STEPS))
+    steps, values = steps_and_values(client, run.info.run_id, "val/loss")
+    assert steps == [STEPS * e - 1 for e in (1, 2, 3)]
+    with (run_dir / "epochs.csv").open() as f:
+        assert values == pytest.approx([float(row["val/loss"]) for row in csv.DictReader(f)], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_the_mlflow_server_shows_the_run_and_its_step_curves(continued_run, browser):
     log_dir, _, _ = continued_run
     (run,) = runs_of(client_for(log_dir))

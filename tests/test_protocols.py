@@ -267,6 +267,9 @@ def test_eval_of_a_binarized_checkpoint_uses_the_binarized_test_set(mnist_dir, t
     assert "on the data it was trained on (dataset=mnist, binarize=static, binarize_seed=0)" in result.stdout
 
 
+DONE = {"wall_seconds": 10.0}  # written last: the job went to its end
+
+
 def _fake_sweep(sweep_dir, jobs):
     for number, (overrides, metrics) in enumerate(jobs):
         job = sweep_dir / str(number)
@@ -277,11 +280,11 @@ def _fake_sweep(sweep_dir, jobs):
 
 def test_the_summary_gives_mean_and_std_over_seeds_per_setting(tmp_path):
     jobs = [
-        (["model.k=1", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2}),
-        (["model.k=1", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 92.0, "epochs": 2}),
-        (["model.k=5", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 88.0, "epochs": 2}),
-        (["model.k=5", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 89.0, "epochs": 2}),
-        (["model.k=5", "seed=2", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2}),
+        (["model.k=1", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2, **DONE}),
+        (["model.k=1", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 92.0, "epochs": 2, **DONE}),
+        (["model.k=5", "seed=0", "data.binarize=dynamic"], {"test/iw_nll": 88.0, "epochs": 2, **DONE}),
+        (["model.k=5", "seed=1", "data.binarize=dynamic"], {"test/iw_nll": 89.0, "epochs": 2, **DONE}),
+        (["model.k=5", "seed=2", "data.binarize=dynamic"], {"test/iw_nll": 90.0, "epochs": 2, **DONE}),
         (["model.k=5", "seed=3", "data.binarize=dynamic"], {"status": "failed: diverged"}),
     ]
     _fake_sweep(tmp_path, jobs)
@@ -291,6 +294,25 @@ def test_the_summary_gives_mean_and_std_over_seeds_per_setting(tmp_path):
     assert "| model.k=5 | 3 | " in text and "89.000 ± 1.000" in text
     rows = (tmp_path / "summary_by_setting.csv").read_text().splitlines()
     assert rows[0].startswith("setting,n,seeds,") and rows[2].startswith("model.k=5,3,0 1 2,")
+
+
+def test_a_job_stopped_in_its_test_pass_is_not_counted_and_no_mean_is_over_fewer_than_n(tmp_path):
+    jobs = [
+        (["model.k=1", "seed=0"], {"val/loss": 95.0, "test/iw_nll": 90.0, "epochs": 2, **DONE}),
+        (["model.k=1", "seed=1"], {"val/loss": 97.0, "test/iw_nll": 92.0, "epochs": 2, **DONE}),
+        (["model.k=1", "seed=2"], {"val/loss": 96.0, "epochs": 2}),  # killed in its test pass
+        (["model.k=5", "seed=0"], {"val/loss": 94.0, "test/iw_nll": 88.0, "epochs": 2, **DONE}),
+        (["model.k=5", "seed=1"], {"val/loss": 93.0, "epochs": 2, **DONE}),  # finished without the bound
+    ]
+    _fake_sweep(tmp_path, jobs)
+    rows = summarise(tmp_path)
+    assert rows[2]["status"] == "stopped before it finished (continue it with ckpt_path=last)"
+    with (tmp_path / "summary_by_setting.csv").open() as f:
+        by_setting = {row["setting"]: row for row in csv.DictReader(f)}
+    assert by_setting["model.k=1"]["n"] == "2" and by_setting["model.k=1"]["seeds"] == "0 1"
+    assert float(by_setting["model.k=1"]["test/iw_nll mean"]) == 91.0
+    assert by_setting["model.k=5"]["n"] == "2" and float(by_setting["model.k=5"]["val/loss mean"]) == 93.5
+    assert by_setting["model.k=5"]["test/iw_nll mean"] == ""  # one of the 2 has it: no mean
 
 
 class SeenBatches(L.Callback):
@@ -342,7 +364,7 @@ def test_a_two_seed_two_setting_multirun_summarises_over_seeds(mnist_dir, tmp_pa
 
 
 def test_a_sweep_over_seeds_alone_is_one_setting_named_by_what_its_jobs_share(tmp_path):
-    jobs = [(["experiment=binarized_elbo", f"seed={s}"], {"test/iw_nll": 91.0 + s}) for s in range(3)]
+    jobs = [(["experiment=binarized_elbo", f"seed={s}"], {"test/iw_nll": 91.0 + s, **DONE}) for s in range(3)]
     _fake_sweep(tmp_path, jobs)
     summarise(tmp_path)
     assert "| experiment=binarized_elbo | 3 | " in (tmp_path / "summary.md").read_text()

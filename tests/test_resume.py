@@ -23,7 +23,7 @@ def make_run(log_dir: Path, name: str, epochs: int | None = None) -> Path:
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"not read here")
     if epochs is not None:
-        (run / "metrics.json").write_text(f'{{"epochs": {epochs}}}')
+        (run / "metrics.json").write_text(f'{{"epochs": {epochs}, "wall_seconds": 1.0}}')  # a finished run
     return run
 
 
@@ -76,7 +76,9 @@ def test_plan_resume_for_runs_and_sweep_jobs(tmp_path):
     assert plan_resume("last", run, 10, sweep_job=False).checkpoint == (run / "checkpoints" / "last.ckpt").resolve()
     assert plan_resume(str(run), tmp_path / "elsewhere", 10, sweep_job=True).checkpoint.parent.parent == run.resolve()
     job = make_run(tmp_path, "job", epochs=10)
-    assert plan_resume("last", job, 10, sweep_job=True).finished == {"epochs": 10}  # kept, not run again
+    assert plan_resume("last", job, 10, sweep_job=True).finished["epochs"] == 10  # kept, not run again
+    (job / "metrics.json").write_text('{"epochs": 10}')  # stopped in its test pass: no wall_seconds yet
+    assert plan_resume("last", job, 10, sweep_job=True).finished is None  # continued, to finish its test pass
     assert plan_resume("last", job, 12, sweep_job=True).checkpoint is not None  # lengthened
     assert plan_resume("last", tmp_path / "new_job", 10, sweep_job=True).checkpoint is None  # starts
     with pytest.raises(UserError, match="has no checkpoints/last.ckpt"):

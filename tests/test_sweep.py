@@ -96,7 +96,8 @@ def test_optuna_search_minimises_val_loss_and_goes_on_past_a_diverged_trial(mnis
 
 
 def test_the_summary_lists_jobs_without_a_readable_metrics_json_as_failed(tmp_path):
-    metrics = {"0": '{"epochs": 2, "val/loss": 101.23456}', "1": '{"status": "failed: training diverged"}'}
+    metrics = {"0": '{"epochs": 2, "val/loss": 101.23456, "wall_seconds": 9.5}'}
+    metrics |= {"1": '{"status": "failed: training diverged"}'}
     metrics |= {"2": "", "3": None}  # a disk that filled up mid-write; a job killed before the end
     for job, text in metrics.items():
         (tmp_path / job / ".hydra").mkdir(parents=True)

@@ -159,6 +159,16 @@ class TrainingHistory(L.Callback):
         self.step_values = values
 
 
+def last_epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The train and val metrics of the run's last finished epoch, from its history (restored from
+    the checkpoint): a continuation that had no epoch left to train (stopped in its test pass) has
+    none in ``trainer.callback_metrics``."""
+    history = next((cb for cb in trainer.callbacks if isinstance(cb, TrainingHistory)), None)
+    if history is None or not history.epochs:
+        return {}
+    return {key: value for key, value in history.epochs[-1].items() if key != "epoch"}
+
+
 def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:
     lr = trainer.lightning_module.hparams.get("lr", "?") if trainer.lightning_module else "?"
     done = trainer.current_epoch  # finished epochs, each with its checkpoint

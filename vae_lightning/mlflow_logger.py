@@ -10,7 +10,9 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +22,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from vae_lightning.callbacks import TrainingHistory
 from vae_lightning.errors import UserError
+from vae_lightning.names import EPOCH_METRICS, STEP_METRICS
 
 EXPERIMENT = "vae_lightning"
 RUN_FILE = "mlflow.json"  # in a run dir (its MLflow run) and in a sweep dir (the parent run)
@@ -156,6 +160,10 @@ class MLflow(MLFlowLogger):
         )
         self._pending: list = []
         self.metrics_per_request = min(metrics_per_request, BATCH)
+        # the requests go out from one thread of their own, in order: training does not wait for SQLite
+        # or the network (what a block of 1,000 values costs is a few percent of an epoch here)
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._sent: list[Future] = []
         self._sent_up_to: dict[str, int] = {}  # a continued run: the last step MLflow has of each metric
         self.lost: str | None = None  # what stopped the logging, once the store stopped answering
         self.unsent = 0
@@ -227,6 +235,33 @@ class MLflow(MLFlowLogger):
             self._send(lambda: self._scan_and_log_checkpoints(self._checkpoint_callback))
         state = "FINISHED" if status in ("success", "finished") else "FAILED"
         self._send(lambda: self._mlflow_client.set_terminated(self._run_id, state))
+        self.wait()
+
+    def wait(self) -> None:
+        """Until every request sent so far has been answered (or failed)."""
+        for request in self._sent:
+            request.exception()
+        self._sent = []
+
+    @rank_zero_only
+    def backfill(self, checkpoint: dict[str, Any]) -> None:
+        """A continued run's history up to its checkpoint (the run's own record, ``TrainingHistory``),
+        for the steps and epochs its MLflow run lacks: those a kill caught on their way to the store,
+        or all of them when the run is continued with MLflow for the first time."""
+        state = next((v for k, v in checkpoint.get("callbacks", {}).items() if "TrainingHistory" in k), None)
+        if not state:
+            return
+        history = TrainingHistory(output_dir=str(self.run_dir))
+        history.load_state_dict(state)
+        for step, (rec, kl, loss) in zip(history.steps.tolist(), history.step_values.tolist(), strict=True):
+            self.log_metrics({STEP_METRICS["rec"]: rec, STEP_METRICS["kl"]: kl, STEP_METRICS["loss"]: loss}, step)
+        steps, epochs = history.steps.tolist(), history.epochs
+        if epochs and len(steps) % len(epochs) == 0:  # each epoch's metrics were logged at its last step
+            per_epoch = len(steps) // len(epochs)
+            for row in epochs:
+                values = {key: value for key, value in row.items() if key in EPOCH_METRICS}
+                self.log_metrics(values, steps[int(row["epoch"]) * per_epoch - 1])
+        self.save()
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self._send(lambda: MLFlowLogger.after_save_checkpoint(self, checkpoint_callback))
@@ -237,6 +272,7 @@ class MLflow(MLFlowLogger):
         what never reached the store, if it was lost."""
         for path in files:
             self._send(lambda path=path: self._mlflow_client.log_artifact(self._run_id, str(path)))
+        self.wait()
         if self.lost:
             print(
                 f"warning: MLflow has this run only up to where its store stopped answering ({self.lost}); "
@@ -253,8 +289,12 @@ class MLflow(MLFlowLogger):
         return f"MLflow: {self._tracking_uri.rstrip('/')}/{page}"
 
     def _send(self, request: Callable[[], Any], values: int = 0) -> None:
-        """One request to the store. The first failure is one warning and the end of MLflow logging
-        for this run: the run goes on, and its own files keep everything."""
+        """One request to the store, queued for the sending thread. The first failure is one warning
+        and the end of MLflow logging for this run: the run goes on, and its own files keep everything."""
+        self._sent = [sent for sent in self._sent if not sent.done()]
+        self._sent.append(self._sender.submit(self._request, request, values))
+
+    def _request(self, request: Callable[[], Any], values: int) -> None:  # in the sending thread
         if self.lost:
             self.unsent += values
             return
@@ -270,8 +310,6 @@ class MLflow(MLFlowLogger):
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vae_lightning.errors import UserError
 
+WRITER_LOCK = ".writer.lock"  # in a run dir: held by the one process writing it (rundir.hold_run_dir)
 # the disk's fault, not the code's: what to do about each
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # full disk, quota, file-size limit
 DENIED_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}  # read-only mount, no permission

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from vae_lightning.mlflow_logger import RUN_FILES, mlflow_loggers
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
 from vae_lightning.nets import net_label
-from vae_lightning.outputs import read_json, write_json
+from vae_lightning.outputs import WRITER_LOCK, read_json, write_json
 from vae_lightning.tracking import curves_url
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,13 @@ def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
         "precision": str(cfg.trainer.precision),
         "seed": cfg.seed,
     }
+
+
+def run_finished(metrics: dict[str, Any]) -> bool:
+    """Whether a run's ``metrics.json`` is that of a run that went to its end (its test pass and
+    report included): ``wall_seconds`` is written last, and a failure leaves a ``status``. A run
+    stopped in its test pass has its training metrics but is not finished."""
+    return "status" not in metrics and "wall_seconds" in metrics
 
 
 def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
@@ -135,7 +142,7 @@ def discard_if_unstarted(out: Path) -> bool:
     if rank_zero_only.rank != 0:
         return False
     ours = {out / ".hydra" / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
-    ours |= {out / "train.log", out / "metrics.json"}
+    ours |= {out / "train.log", out / "metrics.json", out / WRITER_LOCK}
     if any(path.is_file() and path not in ours or path.is_symlink() for path in out.rglob("*")):
         return False
     try:

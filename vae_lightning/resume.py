@@ -16,6 +16,7 @@ from vae_lightning.model import VAE, vae_settings_from_hparams
 from vae_lightning.module import TRAINING_KEYS
 from vae_lightning.nets import net_label, net_settings
 from vae_lightning.outputs import read_json
+from vae_lightning.results import run_finished
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state); fused_adam and init change nothing that is saved
@@ -62,12 +63,23 @@ def plan_resume(ckpt_path: str | None, output_dir: str | Path, max_epochs: int, 
     ``max_epochs`` keeps its results."""
     if sweep_job and str(ckpt_path) == "last":
         metrics = read_json(Path(output_dir) / "metrics.json") or {}
-        if "status" not in metrics and metrics.get("epochs", 0) >= max_epochs:
+        if run_finished(metrics) and metrics.get("epochs", 0) >= max_epochs:
             return Resume(finished=metrics)
         if not (Path(output_dir) / "checkpoints" / "last.ckpt").is_file():
             return Resume()  # this job had not finished an epoch: it starts
     continuation = resolve(ckpt_path, "", output_dir if str(ckpt_path) == "last" else None)
     return Resume(continuation.checkpoint if continuation else None)
+
+
+def check_epochs_left(ckpt: Path, checkpoint: dict, max_epochs: int | None) -> None:
+    """A continuation asks for at least the epochs its checkpoint has trained (Lightning's own
+    refusal is a traceback)."""
+    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
+    if isinstance(epoch, int) and max_epochs not in (None, -1) and epoch > max_epochs:
+        raise UserError(
+            f"{ckpt} has trained {epoch + 1} epochs, more than trainer.max_epochs={max_epochs}; continue it "
+            f"with trainer.max_epochs={epoch + 1} or more"
+        )
 
 
 def keep_run_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig, named: set[str]) -> list[str]:

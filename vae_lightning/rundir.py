@@ -5,17 +5,21 @@ traceback."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, read_write
 
 from vae_lightning.errors import UserError
-from vae_lightning.outputs import check_writable
+from vae_lightning.outputs import WRITER_LOCK, check_writable
 from vae_lightning.resume import resolve
 from vae_lightning.workarounds import set_for_every_job
 
@@ -69,6 +73,8 @@ class RunDir(Callback):
                     # the run's own .hydra/ keeps the config it started with; each continuation's beside it
                     config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
                 return
+            if named and config.hydra.output_subdir is not None:  # (a DDP child joins its parent's run)
+                refuse_a_finished_run(Path(config.hydra.run.dir))
             check_writable(Path(config.hydra.run.dir).parent)
             if not named:
                 config.hydra.run.dir = str(claim_new_dir(Path(config.hydra.run.dir)))
@@ -91,6 +97,48 @@ class RunDir(Callback):
         except UserError as err:
             _stop(str(err))
         set_for_every_job(config, "hydra.sweep.dir", str(claim_new_dir(Path(config.hydra.sweep.dir))))
+
+
+def refuse_a_finished_run(directory: Path) -> None:
+    """A dir named with ``hydra.run.dir`` that holds a run is continued (``ckpt_path``), never written over."""
+    held = [name for name in ("checkpoints", "epochs.csv", "metrics.json") if (directory / name).exists()]
+    if held:
+        raise UserError(
+            f"hydra.run.dir={directory} holds a run already ({', '.join(held)}); continue it with "
+            f"ckpt_path={directory}, or name a new dir"
+        )
+
+
+_held: dict[Path, int] = {}  # run dir -> the open lock file: held until the job ends or the process dies
+
+
+def hold_run_dir(directory: Path) -> None:
+    """Make this process the run dir's one writer, or refuse in one line naming the one that is.
+
+    An exclusive ``flock`` on ``<dir>/.writer.lock``: the kernel drops it when the process ends,
+    however it ends, so a killed run leaves no stale lock behind. Two continuations of one run at
+    once would otherwise both train into it and trip over each other's checkpoint files."""
+    if rank_zero_only.rank != 0:  # the other processes of a DDP run write through the first
+        return
+    path = directory / WRITER_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"{directory} is being written by {holder}; wait until it ends (or stop it) before continuing this run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+    _held[directory] = fd
+
+
+def release_run_dir(directory: Path) -> None:
+    """End this job's hold on its dir (a sweep's next job may run in the same process)."""
+    if (fd := _held.pop(directory, None)) is not None:
+        os.close(fd)
 
 
 def _stop(reason: str) -> None:

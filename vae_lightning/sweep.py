@@ -19,6 +19,7 @@ from vae_lightning.errors import UserError
 from vae_lightning.mlflow_logger import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json
+from vae_lightning.results import run_finished
 from vae_lightning.workarounds import set_for_every_job
 
 
@@ -37,7 +38,12 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     rows, finished = [], []
     for job in jobs:
         metrics = read_json(job / "metrics.json")
-        status = "failed (no readable metrics.json)" if metrics is None else metrics.get("status", "completed")
+        if metrics is None:
+            status = "failed (no readable metrics.json)"
+        elif run_finished(metrics):
+            status = "completed"
+        else:  # killed: no reason was left, and what it finished is kept in its dir
+            status = metrics.get("status", "stopped before it finished (continue it with ckpt_path=last)")
         metrics = {current_name(key): value for key, value in (metrics or {}).items()}  # older runs' names too
         varied = " ".join(o for o in overrides[job] if o not in common)
         row: dict[str, Any] = {"job": job.name, "overrides": varied, "status": status}
@@ -64,7 +70,8 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 def over_seeds(finished: list[tuple[list[str], dict[str, Any]]], common: set[str]) -> list[dict[str, Any]]:
     """The finished jobs that differ only in ``seed=``, grouped: per setting n, the seeds, and each
-    metric's mean and sample standard deviation (none when n = 1)."""
+    metric's mean and sample standard deviation (none when n = 1). A metric that not every one of
+    the n jobs has gets no mean: a mean over fewer jobs than n would pass for one over n."""
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for job_overrides, metrics in finished:
         setting = " ".join(o for o in job_overrides if o not in common and not o.startswith("seed="))
@@ -77,8 +84,9 @@ def over_seeds(finished: list[tuple[list[str], dict[str, Any]]], common: set[str
         row: dict[str, Any] = {"setting": setting, "n": len(jobs), "seeds": " ".join(seed for seed, _ in jobs)}
         for key in SEED_METRICS:
             values = [m[key] for _, m in jobs if isinstance(m.get(key), int | float)]
-            row[f"{key} mean"] = statistics.fmean(values) if values else None
-            row[f"{key} std"] = statistics.stdev(values) if len(values) > 1 else None
+            every = len(values) == len(jobs)
+            row[f"{key} mean"] = statistics.fmean(values) if values and every else None
+            row[f"{key} std"] = statistics.stdev(values) if len(values) > 1 and every else None
         table.append(row)
     return table
 

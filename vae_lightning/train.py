@@ -16,16 +16,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vae_lightning.building import build_run, continued_data
-from vae_lightning.callbacks import sigterm_requested
+from vae_lightning.callbacks import last_epoch_metrics, sigterm_requested
 from vae_lightning.checkpoints import hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes
+from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
-from vae_lightning.resume import Resume, changed_data_settings, keep_run_model, plan_resume
-from vae_lightning.rundir import forget_continuation
+from vae_lightning.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
+from vae_lightning.rundir import forget_continuation, hold_run_dir, release_run_dir
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
         return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
+        check_epochs_left(resume.checkpoint, checkpoint, cfg.trainer.max_epochs)
         named = {override.split("=")[0].lstrip("+~") for override in overrides}
         # the run's own model and data, not today's defaults
         kept = keep_run_model(resume.checkpoint, checkpoint, cfg.model, named)
@@ -73,8 +75,11 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
     datamodule, module, trainer = build_run(cfg)
     if checkpoint is not None:
         hand_over(trainer, resume.checkpoint, checkpoint)
+        for tracker in mlflow_loggers(trainer.loggers):  # the history up to the checkpoint, where MLflow lacks it
+            tracker.backfill(checkpoint)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
-    metrics: dict = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict = last_epoch_metrics(trainer)
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(epochs=trainer.current_epoch, latent_dim=cfg.model.latent_dim, **datamodule.protocol())
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics["checkpoint"] = "weights after the last epoch"
@@ -102,6 +107,15 @@ def main(cfg: DictConfig) -> float | None:
     route_lightning_logs()
     out = Path(cfg.paths.output_dir)
     try:
+        return _job(cfg, out)
+    finally:
+        release_run_dir(out)
+
+
+def _job(cfg: DictConfig, out: Path) -> float | None:
+    """Plan, train and report one run (or sweep job), every way it can end said in one line."""
+    try:
+        hold_run_dir(out)  # one writer per run dir, until this job ends
         planned = plan(cfg)
     except UserError as err:  # refused before anything was written: a finished run's dir stays as it was
         forget_continuation(out, HydraConfig.get().output_subdir)
