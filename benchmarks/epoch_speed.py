@@ -297,7 +297,8 @@ def main() -> None:
     except DataError as err:
         raise SystemExit(f"error: {err}") from None
     skip_nvml_probe_without_gpu()  # as build_run does for (b): no candidate pays torch's per-step NVML probe
-    reference, project, val, bare, lightning, floor, bound, bound_floors, dynamic, many = ([] for _ in range(10))
+    reference, project, val, bare, lightning, floor, bound, bound_floors, dynamic = ([] for _ in range(9))
+    many = []
     for r in range(args.rounds):
         # (b), (d) and (g) side by side: their ratios are taken round by round
         epoch_times, val_times = project_epochs(data_dir, args.epochs, overrides)

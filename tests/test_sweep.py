@@ -7,6 +7,7 @@ from helpers import run_cli
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 from vae_lightning.sweep import summarise
+from vae_lightning.workarounds import hydra_quoted
 
 
 def hparams_plugin_present(tensorboard_dir) -> bool:
@@ -113,3 +114,23 @@ def test_the_summary_lists_jobs_without_a_readable_metrics_json_as_failed(tmp_pa
     ]
     assert rows[0]["epochs"] == 2 and rows[0]["val/loss"] == 101.235
     assert "Overrides shared by every job: `seed=1`" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["/tmp/it's logs", "/tmp/a\\'b", "/tmp/ends\\", "a,b=c d", "/tmp/'quoted'"])
+def test_a_path_is_quoted_as_hydra_reads_it_back(value):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (override,) = OverridesParser.create().parse_overrides([f"hydra.sweep.dir={hydra_quoted(value)}"])
+    assert override.value() == value
+
+
+@pytest.mark.slow
+def test_a_sweep_in_a_log_dir_with_a_quote_in_its_name(mnist_dir, tmp_path):
+    log_dir = tmp_path / "it's logs"
+    result = run_cli(
+        "vae_lightning.train", "-m", "model.latent_dim=2,3", "trainer.max_epochs=1", "+trainer.limit_train_batches=5",
+        "eval.k=0", "test=false", f"data.data_dir={mnist_dir}", f'paths.log_dir="{log_dir}"',
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (log_dir / "train" / "multiruns").iterdir()
+    assert [row["status"] for row in csv.DictReader((sweep / "summary.csv").open())] == ["completed"] * 2

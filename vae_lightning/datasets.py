@@ -76,9 +76,20 @@ def default_data_dir() -> Path:
 def ensure_dataset(
     data_dir: str | Path, dataset: str = "mnist", download: bool = True, verify_checksums: bool = True
 ) -> Path:
-    """Make sure the dataset's four files are in ``data_dir/<folder>/raw`` and intact; return that dir."""
+    """Make sure the dataset's four files are in ``data_dir/<folder>/raw`` and intact; return that dir.
+    A data dir or file this user cannot read (no permission, a symlink loop) is one line naming it."""
     src = source(dataset)
-    raw = Path(data_dir).expanduser().resolve() / src.folder / "raw"
+    try:
+        return _ensure(src, Path(data_dir).expanduser().resolve() / src.folder / "raw", download, verify_checksums)
+    except (OSError, RuntimeError) as err:  # reading (writes say their own); RuntimeError: pathlib's "Symlink loop"
+        where = getattr(err, "filename", None) or data_dir
+        reason = getattr(err, "strerror", None) or str(err)
+        raise DataError(
+            f"cannot read {src.title} at {where}: {reason}; make it readable by this user, or {_point_elsewhere(src)}"
+        ) from None
+
+
+def _ensure(src: Source, raw: Path, download: bool, verify_checksums: bool) -> Path:
     missing = [name for name in src.files if not (raw / name).is_file()]
     for name in [m for m in missing if (raw / f"{m}.gz").is_file()]:  # as many mirrors ship them
         _gunzip(src, raw / f"{name}.gz", raw / name)

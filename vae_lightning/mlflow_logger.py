@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.callbacks import TrainingHistory
 from vae_lightning.errors import UserError
+from vae_lightning.mlflow_sender import MetricSender
 from vae_lightning.names import EPOCH_METRICS, STEP_METRICS
 
 EXPERIMENT = "vae_lightning"
@@ -160,13 +161,13 @@ class MLflow(MLFlowLogger):
         )
         self._pending: list = []
         self.metrics_per_request = min(metrics_per_request, BATCH)
-        # the requests go out from one thread of their own, in order: training does not wait for SQLite
-        # or the network (what a block of 1,000 values costs is a few percent of an epoch here)
+        # metric blocks go out from a process of their own (mlflow_sender), the other requests (params,
+        # artifacts, the run's status) from one thread, in order: training waits for neither
         self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
         self._sent: list[Future] = []
         self._sent_up_to: dict[str, int] = {}  # a continued run: the last step MLflow has of each metric
         self.lost: str | None = None  # what stopped the logging, once the store stopped answering
-        self.unsent = 0
+        self.unsent = 0  # metric values
 
     @rank_zero_only
     def open(self, cfg: DictConfig) -> None:
@@ -187,6 +188,7 @@ class MLflow(MLFlowLogger):
             _opened(uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
             self._sent_up_to = _opened(uri, lambda: _last_steps(client, run))
         self._run_id, self._initialized = run.info.run_id, True
+        self._metrics = MetricSender(uri, self._run_id)
         self._log_params(cfg, run.data.params)
 
     def _log_params(self, cfg: DictConfig, earlier: dict[str, str]) -> None:
@@ -209,22 +211,23 @@ class MLflow(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         step = step or 0
         now = _now_ms()
         for key, value in metrics.items():
             # Lightning's "epoch" is dropped as in tracking.TensorBoard (a straight line)
             if key != "epoch" and step > self._sent_up_to.get(key, -1) and not isinstance(value, str):
-                self._pending.append(Metric(key, float(value), now, step))
+                self._pending.append((key, float(value), now, step))
         if len(self._pending) >= self.metrics_per_request:
             self.save()
 
     @rank_zero_only
     def save(self) -> None:
+        if not self._initialized:
+            return
         while self._pending:
             block, self._pending = self._pending[:BATCH], self._pending[BATCH:]
-            self._send(lambda block=block: self._mlflow_client.log_batch(self._run_id, metrics=block), len(block))
+            self._metrics.send(block)
+        self._heard(self._metrics.failures())
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
@@ -239,6 +242,7 @@ class MLflow(MLFlowLogger):
 
     def wait(self) -> None:
         """Until every request sent so far has been answered (or failed)."""
+        self._heard(self._metrics.sync())
         for request in self._sent:
             request.exception()
         self._sent = []
@@ -273,6 +277,7 @@ class MLflow(MLFlowLogger):
         for path in files:
             self._send(lambda path=path: self._mlflow_client.log_artifact(self._run_id, str(path)))
         self.wait()
+        self._metrics.close()
         if self.lost:
             print(
                 f"warning: MLflow has this run only up to where its store stopped answering ({self.lost}); "
@@ -288,25 +293,36 @@ class MLflow(MLFlowLogger):
             return f"MLflow: {server}, then {UI}/{page}"
         return f"MLflow: {self._tracking_uri.rstrip('/')}/{page}"
 
-    def _send(self, request: Callable[[], Any], values: int = 0) -> None:
+    def _heard(self, replies: list) -> None:
+        """What the metric sender said: the store it lost, and how many values it did not send."""
+        for _, lost, unsent in replies:
+            if lost:
+                self._lose(lost)
+            self.unsent = max(self.unsent, unsent)
+
+    def _lose(self, reason: str) -> None:
+        if self.lost:
+            return
+        self.lost = reason
+        print(
+            f"warning: the MLflow tracking store {self._tracking_uri} stopped answering ({reason}); "
+            "training goes on, the rest of this run is not sent to MLflow",
+            file=sys.stderr,
+        )
+
+    def _send(self, request: Callable[[], Any]) -> None:
         """One request to the store, queued for the sending thread. The first failure is one warning
         and the end of MLflow logging for this run: the run goes on, and its own files keep everything."""
         self._sent = [sent for sent in self._sent if not sent.done()]
-        self._sent.append(self._sender.submit(self._request, request, values))
+        self._sent.append(self._sender.submit(self._request, request))
 
-    def _request(self, request: Callable[[], Any], values: int) -> None:  # in the sending thread
+    def _request(self, request: Callable[[], Any]) -> None:  # in the sending thread
         if self.lost:
-            self.unsent += values
             return
         try:
             request()
         except Exception as err:
-            self.lost, self.unsent = _first_line(err), self.unsent + values
-            print(
-                f"warning: the MLflow tracking store {self._tracking_uri} stopped answering ({self.lost}); "
-                "training goes on, the rest of this run is not sent to MLflow",
-                file=sys.stderr,
-            )
+            self._lose(_first_line(err))
 
 
 def _now_ms() -> int:

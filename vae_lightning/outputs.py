@@ -89,8 +89,18 @@ def describe_disk_error(err: BaseException, run_dir: str | Path) -> str | None:
     """One line for an ``OSError`` a full or read-only disk caused, or None for any other error."""
     if not isinstance(err, OSError) or err.errno not in FULL_ERRNOS | DENIED_ERRNOS:
         return None
+    if err.filename and err.errno in DENIED_ERRNOS and not _inside(err.filename, run_dir):
+        # a file the run reads (data, a checkpoint), not one it writes: no log dir would help
+        return f"{err.strerror or err}: {err.filename}; make it readable by this user, or point the run elsewhere"
     where = f" writing {err.filename}" if err.filename else f" writing the outputs in {run_dir}"
     return f"{err.strerror or err}{where}; {_what_to_do(err)}"
+
+
+def _inside(path: str | Path, directory: str | Path) -> bool:
+    try:
+        return Path(path).resolve().is_relative_to(Path(directory).resolve().parent.parent)  # the log dir
+    except (OSError, RuntimeError):
+        return False
 
 
 def quiet_disk_errors_in_threads() -> None:

@@ -122,12 +122,19 @@ def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
         os.environ.pop(key, None)
 
 
+def hydra_quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value: a quote is escaped with a backslash, and
+    backslashes just before a quote (or the closing one) are doubled, as Hydra's grammar reads them."""
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
+
+
 def set_for_every_job(config: DictConfig, key: str, value: str | list[str]) -> None:
     """Set the Hydra setting ``key`` in the launching process's config and for every job of a
     multirun: Hydra composes each job's config again from the Hydra overrides, not from this one
     (hydra#1945: each job is composed afresh, from the files and the overrides)."""
     with read_write(config.hydra):
         OmegaConf.update(config, key, value)
-    # a string quoted, as a path may hold = or ,
-    override = f"[{','.join(value)}]" if isinstance(value, list) else f"'{value}'"
+    # a string quoted, as a path may hold = or , (or a quote: escaped as Hydra's grammar reads it)
+    override = f"[{','.join(value)}]" if isinstance(value, list) else hydra_quoted(value)
     config.hydra.overrides.hydra.append(f"{key}={override}")
