@@ -1,3 +1,4 @@
+import errno
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from torchvision import datasets, transforms
 from vae_lightning.data import MNISTDataModule, tensor_loader
 from vae_lightning.datasets import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError
+from vae_lightning.outputs import describe_disk_error
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,35 @@ def test_truncated_and_corrupt_files_are_named(tmp_path, mnist_dir):
     with pytest.raises(DataError, match=rf"{name} is corrupt \(md5 mismatch\)"):
         ensure_dataset(tmp_path, download=False)
     assert np.frombuffer(data[8:], np.uint8).max() == 9  # the original is untouched
+
+
+def test_a_data_dir_that_is_a_symlink_loop_is_one_clear_error(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(DataError, match=rf"^cannot read MNIST at {loop}: .*[Ss]ymlink loop.*; make it readable by "):
+        ensure_dataset(loop, download=False)
+
+
+def test_a_data_file_this_user_cannot_read_says_reading_not_writing(tmp_path, mnist_dir, monkeypatch):
+    raw = mnist_dir / "MNIST" / "raw"
+    unreadable = raw / "train-images-idx3-ubyte"
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:  # as chmod 000 would for anyone but root (the tests may run as root)
+        if path == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError) as err:
+        ensure_dataset(mnist_dir, download=False)
+    assert str(err.value) == (
+        f"cannot read MNIST at {unreadable}: Permission denied; make it readable by this user, or set "
+        "data.data_dir=<dir> or VAE_DATA_DIR=<dir> to a folder holding MNIST/raw/"
+    )
+    # the same error met later, outside the run dir (torchvision opening the file), is not a write either
+    said = describe_disk_error(PermissionError(errno.EACCES, "Permission denied", str(unreadable)), tmp_path / "r")
+    assert said == f"Permission denied: {unreadable}; make it readable by this user, or point the run elsewhere"
+    inside = tmp_path / "logs" / "train" / "run" / "metrics.json"
+    said = describe_disk_error(PermissionError(errno.EACCES, "Permission denied", str(inside)), inside.parent)
+    assert said == f"Permission denied writing {inside}; set paths.log_dir=<a writable directory>"
