@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import REPO, brief_run, compose_train, epoch_rows, load_checkpoint, run_cli
+from mlflow.tracking import MlflowClient
 
 from vae_lightning.building import build
 from vae_lightning.data import MNISTDataModule
@@ -51,10 +52,19 @@ def test_a_multirun_whose_jobs_use_ddp(mnist_dir, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli(
         "vae_lightning.train", "-m", "trainer=ddp", "trainer.devices=2", "model.latent_dim=2,4",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "eval.k=2",
-        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=20", "eval.k=2", "logger=many",
+        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    # MLflow: only the first process of each job logs: the sweep's run and one child per job
+    client = MlflowClient(f"sqlite:///{tmp_path / 'logs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("vae_lightning").experiment_id])
+    names = sorted(run.info.run_name for run in runs)
+    assert names == ["sweep", "sweep/model.latent_dim=2", "sweep/model.latent_dim=4"]
+    for run in runs:
+        if run.info.run_name != "sweep":
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_step")]
+            assert sorted(steps) == list(range(20)), run.info.run_name  # each step once, not once per process
     output = result.stdout + result.stderr
     assert output.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one child per job
     assert sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir()) == ["0", "1"]
