@@ -127,3 +127,28 @@ def test_the_latent_scatter_is_drawn_for_any_latent_size(latent_dim):
     mu = torch.randn(200, latent_dim) + labels.unsqueeze(1)
     points = latent_scatter(mu, labels, [str(c) for c in range(10)], "digit").axes[0].collections[0].get_offsets()
     assert points.shape == (200, 2) and np.isfinite(points).all()
+
+
+def test_principal_directions_are_the_svds_and_stay_cheap_for_a_huge_latent_space(monkeypatch):
+    from vae_lightning import pca
+
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(3000, 3, generator=g) * torch.tensor([30.0, 20.0, 10.0]) @ torch.randn(3, 2000, generator=g)
+    points += 0.01 * torch.randn(3000, 2000, generator=g)
+    mean, s, v, total = pca.principal_directions(points.double(), 3)  # 2,000 dimensions: exact
+    _, s_exact, v_exact = torch.linalg.svd(points.double() - points.double().mean(0), full_matrices=False)
+    assert torch.allclose(s, s_exact[:3], rtol=1e-10)
+    assert torch.allclose((v @ v_exact[:3].T).abs(), torch.eye(3, dtype=torch.float64), atol=1e-8)  # up to sign
+    assert float(total) == pytest.approx(float((s_exact**2).sum()), rel=1e-12)
+    monkeypatch.setattr(pca, "EXACT_UP_TO", 1000)  # the randomized SVD, on the same points
+    _, s_fast, v_fast, _ = pca.principal_directions(points.double(), 3)
+    assert torch.allclose((v_fast @ v_exact[:3].T).abs(), torch.eye(3, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(s_fast, s_exact[:3], rtol=1e-6)
+    assert torch.equal(pca.principal_directions(points.double(), 3)[2], v_fast)  # its own seed: the same every time
+
+    # 10,000 test images in 10,000 dimensions (a latent_dim=10000 run), 3 strong directions: found
+    strong = torch.linalg.qr(torch.randn(10_000, 3, generator=g))[0].T
+    points = torch.randn(10_000, 3, generator=g) * torch.tensor([30.0, 20.0, 10.0]) @ strong
+    points += 0.01 * torch.randn(10_000, 10_000, generator=g)
+    _, _, v, _ = pca.principal_directions(points, 3)  # the exact SVD would take minutes
+    assert torch.allclose((v @ strong.T).norm(dim=1), torch.ones(3), atol=1e-3)  # within their span

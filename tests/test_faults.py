@@ -365,7 +365,7 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_kept(tmp_path, mnist_dir):
     wait_until((run / "checkpoints" / "last.ckpt").is_file, proc, "last.ckpt appeared")
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, stderr[-3000:]
     kept = load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] + 1
     assert kept < 20
     assert f"Interrupted: {run}/checkpoints/last.ckpt keeps epoch {kept}; continue with ckpt_path={run}" in stderr

@@ -1,6 +1,7 @@
 """report.html in a real browser: headless Chromium (Debian's) driven by Playwright, from file://."""
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,9 +119,9 @@ def test_large_latent_spaces_get_sliders_along_principal_directions():
 
 @pytest.mark.slow
 def test_report_cli_rebuilds_a_runs_report(trained_run, tmp_path):
-    run_dir, _ = trained_run
-    (run_dir / "report.html").unlink()
-    result = run_cli("vae_lightning.report", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path}")
+    run_dir = tmp_path / "run"  # a copy: the other worker's tests read the shared run's report meanwhile
+    shutil.copytree(trained_run[0], run_dir, ignore=shutil.ignore_patterns("report.html", "tensorboard"))
+    result = run_cli("vae_lightning.report", f"ckpt_path={run_dir}", f"hydra.run.dir={tmp_path / 'report'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "report.html").stat().st_size > 1_000_000
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS
 from vae_lightning.outputs import replaced_atomically
+from vae_lightning.pca import principal_directions
 
 FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold")
 GALLERY_PER_CLASS = 10
@@ -53,10 +54,9 @@ def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[
         origin, basis = torch.zeros(d), list(torch.eye(d))
         names, caption = [f"z[{i}]" for i in range(d)], "one slider per latent dimension"
     else:  # the directions along which the test set's E[z|x] varies most, in standard deviations
-        mean = mu_all.mean(0)
-        _, s, v = torch.linalg.svd(mu_all - mean, full_matrices=False)
-        std = s[:MAX_SLIDERS] / (len(mu_all) - 1) ** 0.5
-        origin, basis = mean, list(v[:MAX_SLIDERS] * std.unsqueeze(1))
+        mean, s, v, _ = principal_directions(mu_all, MAX_SLIDERS)
+        std = s / (len(mu_all) - 1) ** 0.5
+        origin, basis = mean, list(v * std.unsqueeze(1))
         names = [f"PC {k + 1}" for k in range(MAX_SLIDERS)]
         caption = f"the {MAX_SLIDERS} leading principal directions of the test set's E[z|x], in standard deviations"
     images = (test_x[picks].float().cpu() * 255).round().to(torch.uint8).numpy()

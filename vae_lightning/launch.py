@@ -60,6 +60,17 @@ def threads_for_this_run(threads: int | None) -> int | None:
     return cores
 
 
+# what launchers set for a process that is not a job's first: Lightning (torchrun's too), Slurm
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def first_process() -> bool:
+    """Whether this is the first process of its job on the first node: the one that writes the
+    run dir (Lightning's ``rank_zero_only`` reads no node rank, and the other nodes start as
+    separate commands)."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
 def processes(trainer_cfg: DictConfig) -> int:
     """How many training processes the trainer config asks for (devices x nodes)."""
     devices = trainer_cfg.get("devices", 1)

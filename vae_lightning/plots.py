@@ -13,6 +13,8 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from vae_lightning.pca import principal_directions
+
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if window <= 1 or len(values) < window:
@@ -145,10 +147,9 @@ def latent_scatter(mu: Tensor, labels: Tensor, class_names: Sequence[str], label
     elif mu.shape[1] == 2:
         points, axis = mu, ("z[0]", "z[1]")
     else:
-        centred = mu - mu.mean(0)
-        _, s, v = torch.linalg.svd(centred, full_matrices=False)
-        points = centred @ v[:2].T
-        share = (s[:2] ** 2 / (s**2).sum()).tolist()
+        mean, s, v, total = principal_directions(mu, 2)
+        points = (mu - mean) @ v.T
+        share = (s**2 / total).tolist()
         axis = (f"PC 1 ({share[0]:.0%} of variance)", f"PC 2 ({share[1]:.0%} of variance)")
     fig = Figure(figsize=(7.5, 6.5), layout="constrained")
     ax = fig.subplots()

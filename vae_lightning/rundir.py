@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, read_write
 
 from vae_lightning.errors import UserError
+from vae_lightning.launch import first_process
 from vae_lightning.outputs import WRITER_LOCK, check_writable
 from vae_lightning.resume import resolve
 from vae_lightning.workarounds import set_for_every_job
@@ -73,7 +73,7 @@ class RunDir(Callback):
                     # the run's own .hydra/ keeps the config it started with; each continuation's beside it
                     config.hydra.output_subdir = f".hydra/continued_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
                 return
-            if named and config.hydra.output_subdir is not None:  # (a DDP child joins its parent's run)
+            if named and config.hydra.output_subdir is not None and first_process():  # (the others join its run)
                 refuse_a_finished_run(Path(config.hydra.run.dir))
             check_writable(Path(config.hydra.run.dir).parent)
             if not named:
@@ -118,7 +118,7 @@ def hold_run_dir(directory: Path) -> None:
     An exclusive ``flock`` on ``<dir>/.writer.lock``: the kernel drops it when the process ends,
     however it ends, so a killed run leaves no stale lock behind. Two continuations of one run at
     once would otherwise both train into it and trip over each other's checkpoint files."""
-    if rank_zero_only.rank != 0:  # the other processes of a DDP run write through the first
+    if not first_process():  # the other processes of a DDP run write through the first
         return
     path = directory / WRITER_LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
