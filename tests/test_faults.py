@@ -361,6 +361,9 @@ def test_ctrl_c_stops_cleanly_and_says_what_was_kept(tmp_path, mnist_dir):
         [sys.executable, "-m", "vae_lightning.train", *SHORT, "trainer.max_epochs=20",
          f"data.data_dir={mnist_dir}", f"hydra.run.dir={run}"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # as a terminal's foreground job: a shell's background job (&, as CI may be started) ignores
+        # SIGINT, and a Python started so never turns it into KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     wait_until((run / "checkpoints" / "last.ckpt").is_file, proc, "last.ckpt appeared")
     proc.send_signal(signal.SIGINT)
