@@ -40,7 +40,7 @@ VALUE_CHECKS = (
     ("eval.k", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 skips the evaluation)"),
     ("eval.batch_size", _positive_int, "an integer >= 1 (test images per pass)"),
     ("eval.chunk_rows", _positive_int, "an integer >= 1"),
-    # numpy's seeds; Lightning would warn and train with seed 0 instead
+    # numpy's seeds: outside them Lightning's seed_everything raises a ValueError, a traceback
     ("seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
 )
 
