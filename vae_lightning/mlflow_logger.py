@@ -1,125 +1,47 @@
 """MLflow as a tracker (``logger=mlflow``): a run dir is one MLflow run, a sweep one parent run with
-a child run per job, and a continued run the same MLflow run, its step history without holes or
-repeats. The store is SQLite beside the runs unless the config names another."""
+a child run per job (``mlflow_store``), and a continued run the same MLflow run, its step history
+without holes or repeats."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import logging
-import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vae_lightning.callbacks import TrainingHistory
 from vae_lightning.errors import UserError
 from vae_lightning.mlflow_sender import MetricSender
+from vae_lightning.mlflow_store import (
+    EXPERIMENT,
+    RUN_DIR_TAG,
+    bounded_and_quiet,
+    existing_run,
+    experiment_id,
+    first_line,
+    flat_config,
+    last_steps,
+    opened,
+    read_run_file,
+    store,
+    sweep_parent,
+    write_run_file,
+)
 from vae_lightning.names import EPOCH_METRICS, STEP_METRICS
 
-EXPERIMENT = "vae_lightning"
-RUN_FILE = "mlflow.json"  # in a run dir (its MLflow run) and in a sweep dir (the parent run)
-RUN_DIR_TAG = "vae_lightning.run_dir"
 BATCH = 1000  # MLflow's limit of metrics in one log_batch request
 # what a finished run sends, beside the figures (*.png)
 RUN_FILES = ("report.html", "metrics.json", "epochs.csv")
-SWEEP_FILES = ("summary.md", "summary.csv", "summary_by_setting.csv")
 UI = "http://127.0.0.1:5000"  # mlflow server's own address
-T = TypeVar("T")
-
-
-def store(log_dir: str | Path, tracking_uri: str | None, artifact_location: str | None) -> tuple[str, str | None]:
-    """The tracking URI and artifact location: by default an SQLite file and a folder in the log
-    dir (MLflow 3's own default store, where the project keeps its runs); a server chooses where its
-    artifacts go unless told."""
-    if tracking_uri:
-        return tracking_uri, artifact_location
-    log_dir = Path(log_dir).resolve()
-    return f"sqlite:///{log_dir / 'mlflow.db'}", artifact_location or str(log_dir / "mlartifacts")
-
-
-def _bounded_and_quiet() -> None:
-    # a server that is down answers after MLflow's retries: 7 by default, minutes of backoff for
-    # each request; two are enough to ride out a blip without holding training up for long
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    for name in ("alembic", "mlflow"):  # the store's schema migrations say every step at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # each retry, at WARNING
-
-
-def _client(tracking_uri: str):
-    _bounded_and_quiet()
-    from mlflow.tracking import MlflowClient
-
-    return _opened(tracking_uri, lambda: MlflowClient(tracking_uri))  # an SQLite store is opened here
-
-
-def _first_line(err: BaseException) -> str:
-    """What went wrong, short: the OS's reason under an HTTP client's wrapping ("Connection
-    refused"), else the error's first line."""
-    text = str(err).strip()
-    if errno := re.search(r"\[Errno -?\d+\] ([^\"')]+)", text):
-        return errno.group(1).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
-
-
-def _opened(tracking_uri: str, what: Callable[[], T]) -> T:
-    """``what()``, with a store that cannot be reached, opened or written as one line."""
-    try:
-        return what()
-    except Exception as err:
-        raise UserError(
-            f"the MLflow tracking store {tracking_uri} cannot be used: {_first_line(err)}; start it, free it, "
-            "or point logger.mlflow.tracking_uri at another (or use logger=tensorboard)"
-        ) from err
-
-
-def experiment_id(client, artifact_location: str | None) -> str:
-    """The project's experiment, made on first use (by one of several jobs starting at once)."""
-    found = client.get_experiment_by_name(EXPERIMENT)
-    if found is not None and found.lifecycle_stage != "deleted":
-        return found.experiment_id
-    try:
-        return client.create_experiment(EXPERIMENT, artifact_location=artifact_location)
-    except Exception:  # another job made it first
-        found = client.get_experiment_by_name(EXPERIMENT)
-        if found is None:
-            raise
-        return found.experiment_id
-
-
-def flat_config(cfg: DictConfig) -> dict[str, str]:
-    """The composed config as MLflow params: ``model.latent_dim`` -> "20"."""
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = str(node)[:6000]  # MLflow's limit for a param's value
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
-def _read_run_file(directory: Path) -> dict[str, str]:
-    try:
-        data = json.loads((directory / RUN_FILE).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 class MLflow(MLFlowLogger):
@@ -148,8 +70,8 @@ class MLflow(MLFlowLogger):
             raise UserError("logger=mlflow needs MLflow: pip install 'vae_lightning[mlflow]' (or logger=tensorboard)")
         tracking_uri, artifact_location = store(log_dir, tracking_uri, artifact_location)
         self.run_dir = Path(run_dir).resolve()
-        _bounded_and_quiet()
-        _opened(  # Lightning's logger opens an SQLite store here
+        bounded_and_quiet()
+        opened(  # Lightning's logger opens an SQLite store here
             tracking_uri,
             lambda: super(MLflow, self).__init__(
                 experiment_name=EXPERIMENT,
@@ -173,20 +95,20 @@ class MLflow(MLFlowLogger):
     def open(self, cfg: DictConfig) -> None:
         """Find or make this run dir's MLflow run and log the composed config as its params."""
         uri, client = self._tracking_uri, self._mlflow_client
-        self._experiment_id = _opened(uri, lambda: experiment_id(client, self._artifact_location))
-        mine = _read_run_file(self.run_dir)
+        self._experiment_id = opened(uri, lambda: experiment_id(client, self._artifact_location))
+        mine = read_run_file(self.run_dir)
         run = None
         if mine.get("tracking_uri") == uri and mine.get("run_id"):
-            run = _opened(uri, lambda: _existing_run(client, mine["run_id"]))
+            run = opened(uri, lambda: existing_run(client, mine["run_id"]))
         if run is None:
             tags = {"mlflow.runName": self._run_name, RUN_DIR_TAG: str(self.run_dir)}
             if parent := sweep_parent(uri):
                 tags["mlflow.parentRunId"] = parent
-            run = _opened(uri, lambda: client.create_run(self._experiment_id, tags=tags))
-            _write_run_file(self.run_dir, uri, run.info.run_id)
+            run = opened(uri, lambda: client.create_run(self._experiment_id, tags=tags))
+            write_run_file(self.run_dir, uri, run.info.run_id)
         else:
-            _opened(uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
-            self._sent_up_to = _opened(uri, lambda: _last_steps(client, run))
+            opened(uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
+            self._sent_up_to = opened(uri, lambda: last_steps(client, run))
         self._run_id, self._initialized = run.info.run_id, True
         self._metrics = MetricSender(uri, self._run_id)
         self._log_params(cfg, run.data.params)
@@ -322,7 +244,7 @@ class MLflow(MLFlowLogger):
         try:
             request()
         except Exception as err:
-            self._lose(_first_line(err))
+            self._lose(first_line(err))
 
 
 def _now_ms() -> int:
@@ -341,82 +263,5 @@ def run_name(run_dir: Path, log_dir: Path) -> str:
         return run_dir.name
 
 
-def _existing_run(client, run_id: str):
-    """The run a run dir's ``mlflow.json`` names, or None when the store no longer has it."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        return None
-    return run if run.info.lifecycle_stage == "active" else None
-
-
-def _last_steps(client, run) -> dict[str, int]:
-    """The last step MLflow holds of each of the run's metrics."""
-    return {key: max(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
-
-
-def _write_run_file(directory: Path, tracking_uri: str, run_id: str) -> None:
-    from vae_lightning.outputs import write_json
-
-    write_json(directory / RUN_FILE, {"tracking_uri": tracking_uri, "run_id": run_id})
-
-
-def sweep_parent(tracking_uri: str) -> str | None:
-    """The parent run of the sweep this job belongs to (``SweepRun`` made it), if any."""
-    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
-        return None
-    parent = _read_run_file(Path(HydraConfig.get().sweep.dir))
-    return parent.get("run_id") if parent.get("tracking_uri") == tracking_uri else None
-
-
 def mlflow_loggers(loggers: list) -> list[MLflow]:
     return [logger for logger in loggers if isinstance(logger, MLflow)]
-
-
-def _sweep_store(config: DictConfig) -> tuple[str, str | None] | None:
-    node = OmegaConf.select(config, "logger.mlflow")
-    if node is None:
-        return None
-    return store(config.paths.log_dir, node.get("tracking_uri"), node.get("artifact_location"))
-
-
-def open_sweep_run(config: DictConfig) -> None:
-    """A sweep that logs to MLflow is one parent run (its dir's ``mlflow.json``), made in the
-    launching process before its jobs start; each job's run is its child. A continued sweep
-    keeps its parent."""
-    if (where := _sweep_store(config)) is None:
-        return
-    uri, artifact_location = where
-    sweep_dir = Path(config.hydra.sweep.dir).resolve()
-    client = _client(uri)
-    earlier = _read_run_file(sweep_dir)
-    if earlier.get("tracking_uri") == uri and earlier.get("run_id"):
-        if _opened(uri, lambda: _existing_run(client, earlier["run_id"])) is not None:
-            _opened(uri, lambda: client.update_run(earlier["run_id"], status="RUNNING"))
-            return
-    experiment = _opened(uri, lambda: experiment_id(client, artifact_location))
-    tags = {"mlflow.runName": sweep_dir.name, RUN_DIR_TAG: str(sweep_dir)}
-    run = _opened(uri, lambda: client.create_run(experiment, tags=tags))
-    overrides = " ".join(config.hydra.overrides.task)
-    _opened(uri, lambda: client.log_param(run.info.run_id, "overrides", overrides[:6000]))
-    _write_run_file(sweep_dir, uri, run.info.run_id)
-
-
-def close_sweep_run(config: DictConfig, sweep_dir: Path, failed: bool) -> None:
-    """Send the sweep's summary tables to its parent run and mark it finished (or failed)."""
-    if (where := _sweep_store(config)) is None:
-        return
-    uri = where[0]
-    parent = _read_run_file(sweep_dir)
-    if parent.get("tracking_uri") != uri or not parent.get("run_id"):
-        return
-    client = _client(uri)
-    try:
-        for name in SWEEP_FILES:
-            if (sweep_dir / name).is_file():
-                client.log_artifact(parent["run_id"], str(sweep_dir / name))
-        client.set_terminated(parent["run_id"], "FAILED" if failed else "FINISHED")
-    except Exception as err:
-        print(f"warning: the sweep's summary was not sent to MLflow ({_first_line(err)})", file=sys.stderr)

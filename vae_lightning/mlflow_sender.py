@@ -96,7 +96,7 @@ def _serve(tracking_uri: str, run_id: str, parent: int, requests: Any, replies: 
         try:
             client.log_batch(run_id, metrics=[Metric(*row) for row in request])
         except Exception as err:
-            from vae_lightning.mlflow_logger import _first_line
+            from vae_lightning.mlflow_store import first_line
 
-            lost, unsent = _first_line(err), unsent + len(request)
+            lost, unsent = first_line(err), unsent + len(request)
             replies.put(("failed", lost, unsent))

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
-from vae_lightning.mlflow_logger import close_sweep_run, open_sweep_run
+from vae_lightning.mlflow_store import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json
 from vae_lightning.results import run_finished
