@@ -25,16 +25,14 @@ from vae_lightning.mlflow_store import (
     EXPERIMENT,
     RUN_DIR_TAG,
     bounded_and_quiet,
-    existing_run,
     experiment_id,
     first_line,
     flat_config,
     last_steps,
     opened,
-    read_run_file,
+    run_for_dir,
     store,
     sweep_parent,
-    write_run_file,
 )
 from vae_lightning.names import EPOCH_METRICS, STEP_METRICS
 
@@ -96,18 +94,11 @@ class MLflow(MLFlowLogger):
         """Find or make this run dir's MLflow run and log the composed config as its params."""
         uri, client = self._tracking_uri, self._mlflow_client
         self._experiment_id = opened(uri, lambda: experiment_id(client, self._artifact_location))
-        mine = read_run_file(self.run_dir)
-        run = None
-        if mine.get("tracking_uri") == uri and mine.get("run_id"):
-            run = opened(uri, lambda: existing_run(client, mine["run_id"]))
-        if run is None:
-            tags = {"mlflow.runName": self._run_name, RUN_DIR_TAG: str(self.run_dir)}
-            if parent := sweep_parent(uri):
-                tags["mlflow.parentRunId"] = parent
-            run = opened(uri, lambda: client.create_run(self._experiment_id, tags=tags))
-            write_run_file(self.run_dir, uri, run.info.run_id)
-        else:
-            opened(uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
+        tags = {"mlflow.runName": self._run_name, RUN_DIR_TAG: str(self.run_dir)}
+        if parent := sweep_parent(uri):
+            tags["mlflow.parentRunId"] = parent
+        run, continued = run_for_dir(client, uri, self.run_dir, self._experiment_id, tags)
+        if continued:
             self._sent_up_to = opened(uri, lambda: last_steps(client, run))
         self._run_id, self._initialized = run.info.run_id, True
         self._metrics = MetricSender(uri, self._run_id)

@@ -15,6 +15,8 @@ import os
 import queue
 from typing import Any
 
+from vae_lightning.mlflow_store import first_line
+
 # a reply: ("failed" | "synced", what stopped the sending or None, values not sent)
 Reply = tuple[str, str | None, int]
 
@@ -96,7 +98,5 @@ def _serve(tracking_uri: str, run_id: str, parent: int, requests: Any, replies: 
         try:
             client.log_batch(run_id, metrics=[Metric(*row) for row in request])
         except Exception as err:
-            from vae_lightning.mlflow_store import first_line
-
             lost, unsent = first_line(err), unsent + len(request)
             replies.put(("failed", lost, unsent))

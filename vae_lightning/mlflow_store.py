@@ -4,7 +4,6 @@ sweep's parent run. Every failure to reach the store is one line (``UserError``)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
+from vae_lightning.outputs import read_json, write_json
 
 EXPERIMENT = "vae_lightning"
 RUN_FILE = "mlflow.json"  # in a run dir (its MLflow run) and in a sweep dir (the parent run)
@@ -102,12 +102,23 @@ def flat_config(cfg: DictConfig) -> dict[str, str]:
     return flat
 
 
-def read_run_file(directory: Path) -> dict[str, str]:
-    try:
-        data = json.loads((directory / RUN_FILE).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+def recorded_run_id(directory: Path, tracking_uri: str) -> str | None:
+    """The run id a dir's ``mlflow.json`` records for this store, if any."""
+    data = read_json(directory / RUN_FILE)
+    return data.get("run_id") if isinstance(data, dict) and data.get("tracking_uri") == tracking_uri else None
+
+
+def run_for_dir(client, tracking_uri: str, directory: Path, experiment: str, tags: dict[str, str]) -> tuple[Any, bool]:
+    """A run dir's (or sweep dir's) MLflow run: the one its ``mlflow.json`` records, running again,
+    or a new one with ``tags``, recorded there; and whether it was the recorded one."""
+    run_id = recorded_run_id(directory, tracking_uri)
+    run = opened(tracking_uri, lambda: existing_run(client, run_id)) if run_id else None
+    if run is not None:
+        opened(tracking_uri, lambda: client.update_run(run.info.run_id, status="RUNNING"))
+        return run, True
+    run = opened(tracking_uri, lambda: client.create_run(experiment, tags=tags))
+    write_json(directory / RUN_FILE, {"tracking_uri": tracking_uri, "run_id": run.info.run_id})
+    return run, False
 
 
 def existing_run(client, run_id: str):
@@ -126,18 +137,11 @@ def last_steps(client, run) -> dict[str, int]:
     return {key: max(m.step for m in client.get_metric_history(run.info.run_id, key)) for key in run.data.metrics}
 
 
-def write_run_file(directory: Path, tracking_uri: str, run_id: str) -> None:
-    from vae_lightning.outputs import write_json
-
-    write_json(directory / RUN_FILE, {"tracking_uri": tracking_uri, "run_id": run_id})
-
-
 def sweep_parent(tracking_uri: str) -> str | None:
     """The parent run of the sweep this job belongs to (``SweepRun`` made it), if any."""
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return None
-    parent = read_run_file(Path(HydraConfig.get().sweep.dir))
-    return parent.get("run_id") if parent.get("tracking_uri") == tracking_uri else None
+    return recorded_run_id(Path(HydraConfig.get().sweep.dir), tracking_uri)
 
 
 def _sweep_store(config: DictConfig) -> tuple[str, str | None] | None:
@@ -156,17 +160,12 @@ def open_sweep_run(config: DictConfig) -> None:
     uri, artifact_location = where
     sweep_dir = Path(config.hydra.sweep.dir).resolve()
     client = open_client(uri)
-    earlier = read_run_file(sweep_dir)
-    if earlier.get("tracking_uri") == uri and earlier.get("run_id"):
-        if opened(uri, lambda: existing_run(client, earlier["run_id"])) is not None:
-            opened(uri, lambda: client.update_run(earlier["run_id"], status="RUNNING"))
-            return
     experiment = opened(uri, lambda: experiment_id(client, artifact_location))
     tags = {"mlflow.runName": sweep_dir.name, RUN_DIR_TAG: str(sweep_dir)}
-    run = opened(uri, lambda: client.create_run(experiment, tags=tags))
-    overrides = " ".join(config.hydra.overrides.task)
-    opened(uri, lambda: client.log_param(run.info.run_id, "overrides", overrides[:6000]))
-    write_run_file(sweep_dir, uri, run.info.run_id)
+    run, continued = run_for_dir(client, uri, sweep_dir, experiment, tags)
+    if not continued:
+        overrides = " ".join(config.hydra.overrides.task)
+        opened(uri, lambda: client.log_param(run.info.run_id, "overrides", overrides[:6000]))
 
 
 def close_sweep_run(config: DictConfig, sweep_dir: Path, failed: bool) -> None:
@@ -174,14 +173,13 @@ def close_sweep_run(config: DictConfig, sweep_dir: Path, failed: bool) -> None:
     if (where := _sweep_store(config)) is None:
         return
     uri = where[0]
-    parent = read_run_file(sweep_dir)
-    if parent.get("tracking_uri") != uri or not parent.get("run_id"):
+    if (parent := recorded_run_id(sweep_dir, uri)) is None:
         return
     client = open_client(uri)
     try:
         for name in SWEEP_FILES:
             if (sweep_dir / name).is_file():
-                client.log_artifact(parent["run_id"], str(sweep_dir / name))
-        client.set_terminated(parent["run_id"], "FAILED" if failed else "FINISHED")
+                client.log_artifact(parent, str(sweep_dir / name))
+        client.set_terminated(parent, "FAILED" if failed else "FINISHED")
     except Exception as err:
         print(f"warning: the sweep's summary was not sent to MLflow ({first_line(err)})", file=sys.stderr)
