@@ -3,6 +3,7 @@
 
 import os
 import signal
+import subprocess
 
 import lightning as L
 
@@ -54,3 +55,25 @@ class KillInTest(L.Callback):
     def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         if batch_idx == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SlurmStops(L.Callback):
+    """Slurm stopping a job (under tests/fake_slurm) just before a known step, once per start of the
+    job: ``stops[i]`` is what happens in the job's start number i (``SLURM_RESTART_COUNT``), at step
+    ``steps[i]`` (1-based). ``time_limit``: the signal submitit asked Slurm for (USR2), as Slurm sends
+    it ``signal_delay_s`` before the time limit. ``preempt``: Slurm requeues the job and sends it
+    SIGTERM, as a pre-emption in PreemptMode=REQUEUE does."""
+
+    def __init__(self, stops: list[str], steps: list[int]) -> None:
+        self.stops, self.steps = list(stops), list(steps)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        start = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if start >= len(self.stops) or trainer.global_step + 1 != self.steps[start]:
+            return
+        if self.stops[start] == "time_limit":
+            os.kill(os.getpid(), signal.SIGUSR2)
+        else:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+            subprocess.run(["scontrol", "requeue", job], check=True)

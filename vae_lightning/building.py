@@ -21,7 +21,7 @@ from vae_lightning.errors import UserError
 from vae_lightning.launch import threads_for_this_run
 from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.module import VAEModule
-from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu
+from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu, without_lightning_requeue
 
 
 def build(node: DictConfig, what: str, **kwargs):
@@ -55,7 +55,8 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     for tracker in mlflow_loggers(loggers):  # its store answers, or one line, before training
         tracker.open(cfg)
     callbacks += extra_callbacks or []
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer_cfg = without_lightning_requeue(cfg.trainer)
+    trainer: L.Trainer = build(trainer_cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import save_image
 
+from vae_lightning import stopping
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.errors import DivergenceError
 from vae_lightning.names import EPOCH_COLUMNS, EPOCH_METRICS, STEP_METRICS, current_name
@@ -207,30 +206,25 @@ class SampleGrid(L.Callback):
                 save_image(upscale(grid, self.scale), partial, format="png")
 
 
-class StopOnSigterm(L.Callback):
-    """A SIGTERM (what Slurm and most schedulers send before they stop or pre-empt a job) stops
+class StopOnSignal(L.Callback):
+    """A stop signal (``stopping``: SIGTERM, and submitit's time-limit signal in a Slurm job) stops
     every process of the run together, with the ``SIGTERMException`` Lightning itself uses.
 
-    Lightning's own handler runs a collective inside the signal handler, which deadlocks DDP when
-    only some processes got the signal (Lightning#20806). This one only sets a flag; the processes agree on it every
-    ``check_every`` training steps (every step on one process) and after every eval batch."""
+    The handler only sets a flag; the processes agree on it every ``check_every`` training steps
+    (every step on one process) and after every eval batch."""
 
     def __init__(self, check_every: int = 20) -> None:
         self.check_every = check_every
-        self.requested = False
+        self.requested = False  # by this process's signal, or another process's
 
     def _install(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning registers its handler when a stage starts, before these hooks run
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._on_signal)
+        stopping.listen()  # again: Lightning registers its handler when a stage starts, before these hooks
 
     on_train_start = on_test_start = _install
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
     def _check(self, trainer: L.Trainer) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        asked = self.requested or stopping.stop_signal() is not None
+        if trainer.strategy.reduce_boolean_decision(asked, all=False):
             self.requested = True
             raise SIGTERMException
 
@@ -244,6 +238,7 @@ class StopOnSigterm(L.Callback):
     on_test_batch_end = on_validation_batch_end
 
 
-def sigterm_requested(trainer: L.Trainer) -> bool:
-    """Whether this process was asked to stop, by Lightning's handler or by ``StopOnSigterm``'s."""
-    return trainer.received_sigterm or any(isinstance(cb, StopOnSigterm) and cb.requested for cb in trainer.callbacks)
+def stop_requested(trainer: L.Trainer) -> bool:
+    """Whether this process was asked to stop, by Lightning's handler or by a stop signal."""
+    asked = any(isinstance(cb, StopOnSignal) and cb.requested for cb in trainer.callbacks)
+    return trainer.received_sigterm or asked or stopping.stop_signal() is not None

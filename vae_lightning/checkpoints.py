@@ -109,8 +109,9 @@ def _check_crcs(path: str | Path) -> None:
         raise UserError(f"checkpoint {path} is damaged ({damaged} fails its checksum); pass another ckpt_path")
 
 
-def saved_progress(run_dir: str | Path) -> str:
-    """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it."""
+def saved_progress(run_dir: str | Path, requeued: bool = False) -> str:
+    """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it (or,
+    for a job handed to submitit to requeue, that the requeued job continues from it)."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return "no epoch had finished, so there is no checkpoint to continue from"
@@ -118,6 +119,8 @@ def saved_progress(run_dir: str | Path) -> str:
         epoch = load_checkpoint(last)["epoch"] + 1
     except (UserError, KeyError) as err:  # worth saying, not worth a second traceback
         return f"{last} could not be read ({type(err).__name__})"
+    if requeued:
+        return f"{last} keeps epoch {epoch}; submitit requeues the job, and it continues from there"
     return f"{last} keeps epoch {epoch}; continue with ckpt_path={Path(run_dir).resolve()}"
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from vae_lightning.bound import active_units, iw_log_likelihood
-from vae_lightning.callbacks import sigterm_requested
+from vae_lightning.callbacks import stop_requested
 from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
@@ -70,7 +70,7 @@ class Evaluation(L.Callback):
         start, next_report = time.perf_counter(), 0.1
         bounds, mus, done = [], [], 0
         for xb in test_x.split(self.batch_size):
-            if sigterm_requested(trainer):  # checked between test batches, not in this long hook
+            if stop_requested(trainer):  # checked between test batches, not in this long hook
                 raise SIGTERMException
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
             mus.append(model.encode(xb.to(model.dtype))[0].float())

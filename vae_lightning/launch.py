@@ -60,6 +60,13 @@ def threads_for_this_run(threads: int | None) -> int | None:
     return cores
 
 
+def slurm_restarts() -> int:
+    """How many times Slurm has requeued this job (``SLURM_RESTART_COUNT``: a pre-emption, a node
+    failure, or ``scontrol requeue`` by submitit at the time limit); 0 on a first start and outside Slurm."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(count) if count.isdigit() else 0
+
+
 # what launchers set for a process that is not a job's first: Lightning (torchrun's too), Slurm
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 

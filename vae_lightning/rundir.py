@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
 from vae_lightning.errors import UserError
-from vae_lightning.launch import first_process
+from vae_lightning.launch import first_process, slurm_restarts
 from vae_lightning.outputs import WRITER_LOCK, check_writable
 from vae_lightning.resume import resolve
 from vae_lightning.workarounds import set_for_every_job
@@ -61,8 +61,11 @@ class RunDir(Callback):
         named = named_by_user(config, "hydra.run.dir")
         continuation = None
         if self.continue_runs:
-            named_dir = config.hydra.run.dir if named and str(config.get("ckpt_path")) == "last" else None
-            continuation = resolve(config.get("ckpt_path"), config.paths.log_dir, named_dir)
+            ckpt_path = config.get("ckpt_path")
+            if not ckpt_path and named and slurm_restarts() and (Path(config.hydra.run.dir) / LAST).is_file():
+                ckpt_path = "last"  # Slurm requeued this job: it continues its own run
+            named_dir = config.hydra.run.dir if named and str(ckpt_path) == "last" else None
+            continuation = resolve(ckpt_path, config.paths.log_dir, named_dir)
         with read_write(config):
             if continuation is not None:
                 config.ckpt_path = str(continuation.checkpoint)  # the job reads this file, not "last" again
@@ -109,6 +112,7 @@ def refuse_a_finished_run(directory: Path) -> None:
         )
 
 
+LAST = Path("checkpoints") / "last.ckpt"
 _held: dict[Path, int] = {}  # run dir -> the open lock file: held until the job ends or the process dies
 
 

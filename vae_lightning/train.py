@@ -15,13 +15,14 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from vae_lightning import stopping
 from vae_lightning.building import build_run, continued_data
-from vae_lightning.callbacks import last_epoch_metrics, sigterm_requested
+from vae_lightning.callbacks import last_epoch_metrics, stop_requested
 from vae_lightning.checkpoints import hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
-from vae_lightning.launch import end_process_group, processes
+from vae_lightning.launch import end_process_group, processes, slurm_restarts
 from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
@@ -39,7 +40,11 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     check_new_keys(overrides)
-    resume = plan_resume(cfg.get("ckpt_path"), out, cfg.trainer.max_epochs, sweep_job)
+    ckpt_path = cfg.get("ckpt_path")
+    if sweep_job and not ckpt_path and (restarts := slurm_restarts()):  # (a single run's: rundir)
+        log.info(f"Slurm requeued this job ({restarts} time(s)): it continues from its own last.ckpt")
+        ckpt_path = "last"
+    resume = plan_resume(ckpt_path, out, cfg.trainer.max_epochs, sweep_job)
     if resume.finished is not None:
         return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
@@ -54,7 +59,7 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
         where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
         its_own = f" with its own {', '.join(kept)}" if kept else ""
         log.info(f"Continuing {where} from {resume.checkpoint}{its_own}{changed_data_settings(cfg, out)}")
-    elif sweep_job and cfg.get("ckpt_path") == "last":
+    elif sweep_job and ckpt_path == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
     return resume, checkpoint
 
@@ -90,7 +95,7 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in results[0].items()}, checkpoint=best or metrics["checkpoint"])
         metrics["k"] = cfg.eval.k
-        if sigterm_requested(trainer):  # nothing checks after the last test batch
+        if stop_requested(trainer):  # nothing checks after the last test batch
             raise SIGTERMException
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
@@ -114,6 +119,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def _job(cfg: DictConfig, out: Path) -> float | None:
     """Plan, train and report one run (or sweep job), every way it can end said in one line."""
+    stopping.listen(new_job=True)  # a stop signal from here on stops the run with everything kept
     try:
         hold_run_dir(out)  # one writer per run dir, until this job ends
         planned = plan(cfg)
@@ -125,10 +131,7 @@ def _job(cfg: DictConfig, out: Path) -> float | None:
         end_process_group()
         return metrics.get(cfg.get("optimized_metric"))
     except SIGTERMException:  # a scheduler's stop or pre-emption: the whole sweep stops too
-        reason = f"stopped by SIGTERM; {saved_progress(out)}"
-        print(f"error: {reason}", file=sys.stderr)
-        record_failure(out, reason)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        return _stopped(out, stopping.stop_signal() or signal.SIGTERM)
     except UserError as err:
         reason = str(err)
     except Exception as err:
@@ -138,6 +141,25 @@ def _job(cfg: DictConfig, out: Path) -> float | None:
             reason = f"the run crashed on {type(err).__name__}: {err} (traceback above)"
         reason += f"; {saved_progress(out)}"
     return _failed(out, reason)
+
+
+def _stopped(out: Path, signum: int) -> None:
+    """Say what a stop signal stopped and what was kept; in a submitit job asked to requeue (its
+    signal came, alone or after Slurm's SIGTERM), hand the job to submitit, which requeues it and
+    ends this process. Exit 128 + the signal, with no result for a launcher to read: a job Slurm
+    requeues runs again and gives its result then."""
+    if not stopping.requeue_asked(wait_s=5.0 if stopping.requeue_signal() else 0.0):
+        reason = f"stopped by {signal.Signals(signum).name}; {saved_progress(out)}"
+        print(f"error: {reason}", file=sys.stderr)
+        record_failure(out, reason)
+        raise SystemExit(128 + signum)
+    name = stopping.requeue_signal().name
+    print(f"error: stopped by {name} (Slurm's time limit or a pre-emption); {saved_progress(out)}", file=sys.stderr)
+    record_failure(out, f"stopped by {name}; {saved_progress(out, requeued=True)}")
+    if (not_requeued := stopping.requeue()) is None:  # (once requeued, submitit ends the process)
+        raise SystemExit(128 + signum)
+    reason = f"stopped by {name}, and submitit did not requeue the job: {not_requeued}; {saved_progress(out)}"
+    return _failed(out, reason)  # a sweep's summary says so
 
 
 def _failed(out: Path, reason: str, refused: bool = False) -> None:

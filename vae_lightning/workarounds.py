@@ -122,6 +122,24 @@ def hand_ddp_this_job_alone(cfg: DictConfig, checkpoint: Path | None) -> None:
         os.environ.pop(key, None)
 
 
+def without_lightning_requeue(trainer_cfg: DictConfig) -> DictConfig:
+    """In a Slurm job, the trainer config with Lightning's Slurm environment minus its own requeue.
+    Left on, Lightning handles SIGUSR1 by saving ``hpc_ckpt_N.ckpt`` beside the run, marking every
+    logger finished and running ``scontrol requeue`` while training goes on: a second requeuer beside
+    submitit's (``stopping``), and they fight (Lightning#14893; submitit#1709 moved submitit's signal
+    to USR2 for it). Its own off switch is ``SLURMEnvironment(auto_requeue=False)`` (Lightning#10601)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return trainer_cfg
+    trainer_cfg = trainer_cfg.copy()
+    with read_write(trainer_cfg):
+        plugins = list(trainer_cfg.get("plugins") or [])
+        target = "lightning.fabric.plugins.environments.SLURMEnvironment"
+        trainer_cfg.plugins = [*plugins, {"_target_": target, "auto_requeue": False}]
+    return trainer_cfg
+
+
 def hydra_quoted(value: str) -> str:
     """``value`` as a single-quoted Hydra override value: a quote is escaped with a backslash, and
     backslashes just before a quote (or the closing one) are doubled, as Hydra's grammar reads them."""
