@@ -43,6 +43,45 @@ def run_cli(module: str, *overrides: str, cwd: Path = REPO, env: dict | None = N
     )
 
 
+# Runs commands one after the other in one interpreter, each as ``python -m`` runs it (runpy, with
+# its argv), so that torch and Lightning are imported once, not once a command (9 s each here).
+# A command's exit code and output are framed by the markers. <run> is the first run under
+# logs/train/runs (a command naming a run that an earlier command made).
+_DRIVER = """
+import json, runpy, sys
+from pathlib import Path
+from hydra.core.global_hydra import GlobalHydra
+for words in json.loads(sys.argv[1]):
+    if any("<run>" in w for w in words):
+        words = [w.replace("<run>", sorted(Path("logs/train/runs").iterdir())[0].name) for w in words]
+    print("@@ start", json.dumps(words), flush=True)
+    print("@@ start", file=sys.stderr, flush=True)
+    sys.argv = [words[2], *words[3:]]
+    try:
+        runpy.run_module(words[2], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    GlobalHydra.instance().clear()
+    print("@@ exit", code, flush=True)
+"""
+
+
+def run_in_one_interpreter(
+    commands: list[list[str]], cwd: Path = REPO, env: dict | None = None, python: str = sys.executable
+) -> list[tuple[int, str, str]]:
+    """``python -m <module> <overrides>`` commands (each a list of words, ``python -m`` first), run
+    in one interpreter; each one's (exit code, stdout, stderr), for as many as ran."""
+    result = subprocess.run(
+        [python, "-c", _DRIVER, json.dumps(commands)], cwd=cwd, env=env, capture_output=True, text=True, timeout=1500
+    )
+    outputs, errors = result.stdout.split("@@ start ")[1:], result.stderr.split("@@ start")[1:]
+    return [
+        (int(out.rsplit("@@ exit ", 1)[1].split()[0]) if "@@ exit " in out else -1, out, err)
+        for out, err in zip(outputs, errors, strict=False)
+    ]
+
+
 def compose_config(name: str, output_dir: Path, *overrides: str) -> DictConfig:
     """``conf/<name>.yaml`` composed in-process as the CLI would, writing into ``output_dir``."""
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import run_cli, run_in_one_interpreter
 
 from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
@@ -124,7 +124,9 @@ def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):
     for key, value in reference.state_dict().items():
         assert torch.equal(module.model.state_dict()[key], value), key
     torch.save({"something": torch.zeros(3)}, path)
-    with pytest.raises(UserError, match="is neither a vae_lightning checkpoint nor a VAE state_dict"):
+    with pytest.raises(
+        UserError, match="neither a vae_lightning checkpoint nor the reference notebook's VAE state_dict"
+    ):
         module_from_checkpoint(path)
 
 
@@ -141,3 +143,63 @@ def test_a_checkpoints_strings_are_data_not_config(tmp_path, monkeypatch):
             trained_data(protocol, data_cfg)
         assert "do-not-print" not in str(caught.value)
     assert trained_data({"dataset": "fashion_mnist", "binarize": "dynamic"}, data_cfg).binarize == "dynamic"
+
+
+def wrong_kinds_of_file(real: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a user may hand any entry point instead of a checkpoint of this project, each with the
+    words its one-line refusal must hold. ``real`` is a checkpoint written by train."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    base = torch.load(real, weights_only=True)
+    files: dict[str, tuple[Path, str]] = {}
+
+    def save(name: str, obj, says: str) -> None:
+        torch.save(obj, folder / name)
+        files[name] = (folder / name, says)
+
+    other = {"epoch": 0, "global_step": 0, "state_dict": {"layer.weight": torch.zeros(3, 3)},
+             "hyper_parameters": {"hidden": 3}, "loops": {}, "callbacks": {}, "optimizer_states": []}  # fmt: skip
+    save("other_project.ckpt", other, "not a vae_lightning")
+    save_file({"w": torch.zeros(3)}, folder / "weights.safetensors")
+    files["weights.safetensors"] = (folder / "weights.safetensors", "vae_lightning")
+    save("tensor.ckpt", torch.zeros(3), "vae_lightning")
+    save("list.ckpt", [1, 2], "vae_lightning")
+    nan = {**base, "state_dict": {k: v.clone() for k, v in base["state_dict"].items()}}
+    next(iter(nan["state_dict"].values())).fill_(float("nan"))
+    save("nan_weights.ckpt", nan, "are not finite")
+    for key, value, says in (("latent_dim", "20", "model.latent_dim='20' must be an integer"),
+                             ("objective", "nonsense", "model.objective='nonsense' is not one of"),
+                             # a string OmegaConf would resolve stays a string: the refusal quotes it
+                             ("init", "${oc.env:HOME}", "model.init='${oc.env:HOME}' is not one of")):  # fmt: skip
+        hparams = {**base["hyper_parameters"], "vae": dict(base["hyper_parameters"]["vae"])}
+        (hparams if key in hparams else hparams["vae"])[key] = value
+        save(f"bad_{key}.ckpt", {**base, "hyper_parameters": hparams}, says)
+    return files
+
+
+@pytest.mark.slow
+def test_every_entry_point_refuses_a_wrong_kind_of_file_in_one_line(trained_run, tmp_path, mnist_dir):
+    run_dir, _ = trained_run
+    files = wrong_kinds_of_file(run_dir / "checkpoints" / "last.ckpt", tmp_path / "files")
+    entry_points = {
+        "train": ["trainer.max_epochs=5", f"paths.log_dir={tmp_path / 'logs'}"],
+        "eval": ["eval.k=2", f"paths.log_dir={tmp_path / 'logs'}"],
+        "report": [f"paths.log_dir={tmp_path / 'logs'}"],
+        "export": [f"paths.log_dir={tmp_path / 'logs'}"],
+    }
+    commands = [
+        ["python", "-m", f"vae_lightning.{entry}", f"ckpt_path={path}", f"data.data_dir={mnist_dir}", *extra]
+        for path, _ in files.values()
+        for entry, extra in entry_points.items()
+    ]
+    commands = [c if "export" not in c[2] else [w for w in c if not w.startswith("data.")] for c in commands]  # no data
+    results = run_in_one_interpreter(commands)
+    assert len(results) == len(commands), results[-1:]
+    for command, (code, _, error) in zip(commands, results, strict=True):
+        name = Path(command[3].split("=", 1)[1]).name
+        lines = [line for line in error.strip().splitlines() if line.strip()]
+        assert code == 1 and "Traceback" not in error, f"{command}\n{error[-2000:]}"
+        assert lines[-1].startswith("error: ") and files[name][1] in lines[-1], f"{command}: {lines[-1]}"
+        assert name in lines[-1]  # the line names the file
+    assert not list((tmp_path / "logs").glob("*/runs/*"))  # each refused before a run dir was made

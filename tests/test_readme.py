@@ -1,6 +1,5 @@
 """The README's commands, as written, from a clean clone: each exits 0 (short epochs)."""
 
-import json
 import os
 import re
 import shlex
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, run_in_one_interpreter
 
 # what makes a README command short here (a key the command sets itself keeps the README's value)
 SHORT = {
@@ -46,29 +45,6 @@ def shortened(command: str) -> list[str]:
     return words + [f"{k}={v}" for k, v in SHORT[words[2]].items() if k.lstrip("+") not in keys]
 
 
-# Runs README commands one after the other in one interpreter, each as ``python -m`` runs it (runpy,
-# with its argv), so that torch and Lightning are imported once, not once a command (9 s each here).
-# A command's exit code and output are framed by the markers. <run> is the first run of the clone.
-DRIVER = """
-import json, runpy, sys
-from pathlib import Path
-from hydra.core.global_hydra import GlobalHydra
-for words in json.loads(sys.argv[1]):
-    if any("<run>" in w for w in words):
-        words = [w.replace("<run>", sorted(Path("logs/train/runs").iterdir())[0].name) for w in words]
-    print("@@ start", json.dumps(words), flush=True)
-    print("@@ start", file=sys.stderr, flush=True)
-    sys.argv = [words[2], *words[3:]]
-    try:
-        runpy.run_module(words[2], run_name="__main__", alter_sys=True)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code or 0
-    GlobalHydra.instance().clear()
-    print("@@ exit", code, flush=True)
-"""
-
-
 @pytest.mark.slow
 def test_every_readme_command_works_as_written_from_a_clean_clone(tmp_path, mnist_dir):
     clone = tmp_path / "clone"
@@ -80,14 +56,9 @@ def test_every_readme_command_works_as_written_from_a_clean_clone(tmp_path, mnis
     assert len(commands) >= 15 and sum(shlex.split(c)[3] == "-m" for c in commands) >= 2  # sweeps too
     assert {shlex.split(c)[0] for c in commands} == {"python"}
     words = [shortened(c) for c in commands]
-    result = subprocess.run(
-        ["python", "-c", DRIVER, json.dumps(words)], cwd=clone, env=env, capture_output=True, text=True, timeout=1500
-    )
-    outputs = result.stdout.split("@@ start ")[1:]
-    errors = result.stderr.split("@@ start")[1:]
-    assert len(outputs) == len(commands), result.stderr[-3000:]
-    for command, output, error in zip(commands, outputs, errors, strict=True):
-        code = int(output.rsplit("@@ exit ", 1)[1].split()[0])
+    results = run_in_one_interpreter(words, cwd=clone, env=env, python="python")
+    assert len(results) == len(commands), results[-1:]
+    for command, (code, _, error) in zip(commands, results, strict=True):
         if "trainer.accelerator=gpu" in command and not torch.cuda.is_available():
             assert code == 1 and "no CUDA GPU was found" in error, command
             continue

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from vae_lightning.checkpoints import load_checkpoint
+from vae_lightning.checkpoints import check_finite, load_checkpoint
 from vae_lightning.checks import check_hardware, validate_config
 from vae_lightning.data import BINARIZE, MNISTDataModule
 from vae_lightning.datasets import SOURCES
@@ -74,15 +74,19 @@ def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
         raise UserError(f"{ckpt} holds a {type(state).__name__}, not a checkpoint; pass a vae_lightning checkpoint")
     if "state_dict" in state:
         hparams, weights = state.get("hyper_parameters"), state["state_dict"]
-        if not isinstance(hparams, dict) or not isinstance(weights, dict):
+        if not isinstance(hparams, dict) or not isinstance(weights, dict) or not {"vae", "latent_dim"} & set(hparams):
             raise UserError(f"{ckpt} is not a vae_lightning checkpoint (no model settings); pass one written by train")
     else:  # the reference notebook's state_dict: fc1 (hidden, input), fc_mu (latent, hidden)
         weights = {f"model.{k}": v for k, v in state.items()}
         try:
             (hidden, inputs), latent = weights["model.fc1.weight"].shape, weights["model.fc_mu.weight"].shape[0]
         except (KeyError, AttributeError, ValueError):
-            raise UserError(f"{ckpt} is neither a vae_lightning checkpoint nor a VAE state_dict") from None
+            held = ", ".join(list(map(str, state))[:3]) or "nothing"
+            raise UserError(
+                f"{ckpt} holds {held}: neither a vae_lightning checkpoint nor the reference notebook's VAE state_dict"
+            ) from None
         hparams = {"input_dim": inputs, "hidden_dim": hidden, "latent_dim": latent}
+    check_finite(ckpt, weights)
     try:
         module = VAEModule.from_hparams(hparams)
     except (ValueError, TypeError) as err:  # settings no net of this project has

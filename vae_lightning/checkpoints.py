@@ -109,6 +109,14 @@ def _check_crcs(path: str | Path) -> None:
         raise UserError(f"checkpoint {path} is damaged ({damaged} fails its checksum); pass another ckpt_path")
 
 
+def check_finite(ckpt: Path, weights: dict) -> None:
+    """Weights holding NaN or infinity are refused: they would evaluate to NaN and break the
+    figures. (A diverging run never saves such weights: its checkpoints are checked first.)"""
+    for name, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"the weights in {ckpt} are not finite ({name} holds NaN or infinity); pass another one")
+
+
 def saved_progress(run_dir: str | Path, requeued: bool = False) -> str:
     """What ``checkpoints/last.ckpt`` of a stopped run holds, and the command that continues it (or,
     for a job handed to submitit to requeue, that the requeued job continues from it)."""

@@ -19,7 +19,7 @@ from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.checks import validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import describe_disk_error, write_json
-from vae_lightning.results import likelihood_note, report_lines
+from vae_lightning.results import likelihood_note, refuse, report_lines
 
 
 def eval_device(device: str) -> torch.device:
@@ -72,13 +72,12 @@ def main(cfg: DictConfig) -> float:
         print("error: stopped by SIGTERM before the evaluation finished; run the same command again", file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        refuse(str(err), cfg.paths.output_dir)
     except OSError as err:
         reason = describe_disk_error(err, cfg.paths.output_dir)
         if reason is None:
             raise
-        print(f"error: {reason}", file=sys.stderr)
-    raise SystemExit(1)
+        refuse(reason, cfg.paths.output_dir)
 
 
 if __name__ == "__main__":

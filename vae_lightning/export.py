@@ -4,7 +4,6 @@ the encoder and the decoder of a checkpoint as files that need neither this pack
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.model import VAE
+from vae_lightning.results import refuse
 from vae_lightning.workarounds import quiet_onnx_exporter
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -100,11 +100,9 @@ def main(cfg: DictConfig) -> None:
         ckpt = find_checkpoint(cfg.ckpt_path, "best")
         paths = export(module_from_checkpoint(ckpt).model, Path(cfg.paths.output_dir), cfg.format)
     except ModuleNotFoundError as err:  # the exporters are an optional extra
-        print(f"error: format={cfg.format} needs {err.name}: pip install 'vae_lightning[export]'", file=sys.stderr)
-        raise SystemExit(1) from None
+        refuse(f"format={cfg.format} needs {err.name}: pip install 'vae_lightning[export]'", cfg.paths.output_dir)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        refuse(str(err), cfg.paths.output_dir)
     print(f"Exported {ckpt} as {cfg.format}:", *(f"  {p}" for p in paths), sep="\n")
 
 

@@ -3,7 +3,6 @@ which every training run also writes when it ends."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -13,6 +12,7 @@ from vae_lightning.building import build, load_trained, trained_data
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
+from vae_lightning.results import refuse
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
@@ -29,8 +29,7 @@ def main(cfg: DictConfig) -> None:
         datamodule.setup("test")
         path = write_report(run_dir, module.model.eval(), datamodule)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+        refuse(str(err), cfg.paths.output_dir)
     print(f"Report of {ckpt}: {path}")
 
 

@@ -4,8 +4,9 @@ printed report, and the reason a run stopped."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -135,6 +136,14 @@ def record_failure(out: Path, reason: str) -> None:
         pass  # the disk that stopped the run may not take this either; the message is printed
 
 
+def refuse(reason: str, out: str | Path) -> NoReturn:
+    """End a command (eval, report, export) that could not do its work: one line, its own dir
+    removed when nothing but Hydra's files and the log are in it, exit 1."""
+    print(f"error: {reason}", file=sys.stderr)
+    discard_if_unstarted(Path(out))
+    raise SystemExit(1)
+
+
 def discard_if_unstarted(out: Path) -> bool:
     """Remove a single run's dir that holds nothing but what Hydra and the log wrote (the run failed
     before training started: no data, a bad setting), so that ``logs/`` keeps runs, not failures;
@@ -142,7 +151,8 @@ def discard_if_unstarted(out: Path) -> bool:
     if rank_zero_only.rank != 0:
         return False
     ours = {out / ".hydra" / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
-    ours |= {out / "train.log", out / "metrics.json", out / WRITER_LOCK}
+    ours |= {out / f"{entry}.log" for entry in ("train", "eval", "report", "export")}
+    ours |= {out / "metrics.json", out / WRITER_LOCK}
     if any(path.is_file() and path not in ours or path.is_symlink() for path in out.rglob("*")):
         return False
     try:

@@ -12,8 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.model import VAE, vae_settings_from_hparams
-from vae_lightning.module import TRAINING_KEYS
+from vae_lightning.model import vae_settings_from_hparams
+from vae_lightning.module import TRAINING_KEYS, VAEModule
 from vae_lightning.nets import net_label, net_settings
 from vae_lightning.outputs import read_json
 from vae_lightning.results import run_finished
@@ -96,7 +96,7 @@ def keep_run_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig, named: s
     saved_vae = vae_settings_from_hparams(saved)
     try:  # a checkpoint's settings are data: only values a VAE accepts are taken into the config
         with torch.random.fork_rng(devices=[]):  # the run's random numbers are not drawn from here
-            VAE(**saved_vae)
+            VAEModule.from_hparams(saved)  # its VAE and its training settings
     except (ValueError, TypeError, KeyError) as err:
         raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
     shape = ("input_dim", "latent_dim", "likelihood", "prior", "prior_components")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from vae_lightning import stopping
 from vae_lightning.building import build_run, continued_data
 from vae_lightning.callbacks import last_epoch_metrics, stop_requested
-from vae_lightning.checkpoints import hand_over, load_checkpoint, saved_progress
+from vae_lightning.checkpoints import check_finite, hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
@@ -53,6 +53,7 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
         named = {override.split("=")[0].lstrip("+~") for override in overrides}
         # the run's own model and data, not today's defaults
         kept = keep_run_model(resume.checkpoint, checkpoint, cfg.model, named)
+        check_finite(resume.checkpoint, checkpoint["state_dict"] if isinstance(checkpoint["state_dict"], dict) else {})
         data = continued_data(checkpoint, cfg.data, named, resume.checkpoint)
         kept += [f"data.{key}={data[key]}" for key in data if data[key] != cfg.data.get(key)]
         cfg.data = data
