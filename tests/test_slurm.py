@@ -34,6 +34,19 @@ def fake_cluster(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return {**fake_slurm.install(tmp_path / "bin", state), "PYTHONPATH": str(REPO / "tests")}, state
 
 
+def slurm_sweep(tmp_path: Path, mnist_dir: Path, launcher: str, stops: str, steps: str, latent_dims: str) -> tuple:
+    """A sweep over ``model.latent_dim`` launched on the fake Slurm, which stops each job as
+    ``slurm_stops`` says: (the launching command's result, the fake's state dir, the sweep dir)."""
+    env, state = fake_cluster(tmp_path)
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "vae_lightning.train", "-m", f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=1", *SHORT_JOB,
+        f"model.latent_dim={latent_dims}", f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
+        *slurm_stops(stops, steps), env=env,
+    )  # fmt: skip
+    return result, state, sweep
+
+
 def job_states(state: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(state.glob("*.json"))}
 
@@ -45,14 +58,8 @@ def trained_steps(run: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_submitit_sweep_carries_on_through_a_time_limit_and_a_preemption(tmp_path, mnist_dir):
-    env, state = fake_cluster(tmp_path)
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        "vae_lightning.train", "-m", "hydra/launcher=slurm", "hydra.launcher.timeout_min=1", *SHORT_JOB,
-        "model.latent_dim=2,3", f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}",
-        # start 1: the time-limit signal in epoch 2; start 2: a pre-emption in epoch 3
-        *slurm_stops("[time_limit,preempt]", "[150,250]"), env=env,
-    )  # fmt: skip
+    # start 1: the time-limit signal in epoch 2; start 2: a pre-emption in epoch 3
+    result, state, sweep = slurm_sweep(tmp_path, mnist_dir, "slurm", "[time_limit,preempt]", "[150,250]", "2,3")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_states(state)
     assert list(jobs) == ["4242_0", "4242_1"]  # one Slurm array, as submitit submits a sweep
@@ -75,13 +82,8 @@ def test_a_submitit_sweep_carries_on_through_a_time_limit_and_a_preemption(tmp_p
 
 @pytest.mark.slow
 def test_a_job_past_its_requeue_budget_says_so_and_keeps_its_epochs(tmp_path, mnist_dir):
-    env, state = fake_cluster(tmp_path)
-    sweep = tmp_path / "sweep"
-    result = run_cli(
-        # Hydra's own submitit_slurm config requeues no time-out (max_num_timeout=0)
-        "vae_lightning.train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=1", *SHORT_JOB,
-        f"data.data_dir={mnist_dir}", f"hydra.sweep.dir={sweep}", *slurm_stops("[time_limit]", "[150]"), env=env,
-    )  # fmt: skip
+    # Hydra's own submitit_slurm config requeues no time-out (max_num_timeout=0)
+    result, state, sweep = slurm_sweep(tmp_path, mnist_dir, "submitit_slurm", "[time_limit]", "[150]", "20")
     assert result.returncode == 1 and result.stderr.strip().startswith("error: 1 of 1 jobs failed"), result.stderr
     assert job_states(state)["4242"]["restarts"] == 0
     status = json.loads((sweep / "0" / "metrics.json").read_text())["status"]
