@@ -124,6 +124,9 @@ def test_a_vampprior_with_a_continuous_bernoulli_through_the_cli_report_and_expo
         "eval.k=5", batches=20,
     )  # fmt: skip
     assert math.isfinite(metrics["test/iw_nll"]) and {"test/rec", "test/kl"} <= set(metrics)
+    assert "under the continuous bernoulli, a density on [0, 1] per pixel" in metrics["note"]
+    assert (tmp_path / "lambda_and_mean.png").is_file()  # its lambda beside its washed-out mean
+    assert "alt='lambda_and_mean'" in (tmp_path / "report.html").read_text()
     page, _, errors, _ = open_report(browser, tmp_path)
     z = np.random.default_rng(0).standard_normal(20).round(3).tolist()
     page.goto((tmp_path / "report.html").as_uri() + "#z=" + ",".join(map(str, z)))

@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in results.items()}
     metrics.update(k=cfg.eval.k, latent_dim=module.model.latent_dim, checkpoint=str(ckpt), **datamodule.protocol())
     if "test/iw_nll" in metrics:
-        metrics["note"] = likelihood_note(metrics)
+        metrics["note"] = likelihood_note(metrics, module.model.likelihood.name)
     write_json(out / "metrics.json", metrics)
     trained_on = ", ".join(f"{key}={value}" for key, value in datamodule.protocol().items())
     header = f"\nEvaluation of {ckpt} in {out}, on the data it was trained on ({trained_on})"

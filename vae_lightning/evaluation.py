@@ -26,6 +26,7 @@ from vae_lightning.plots import (
     latent_scatter,
     manifold_grid,
     manifold_quantiles,
+    parameter_and_mean_grid,
     reconstruction_grid,
     sample_grid,
     upscale,
@@ -96,6 +97,8 @@ class Evaluation(L.Callback):
             images["samples"] = sample_grid(model, 10, 10, self.sample_seed)
         if model.latent_dim == 2:
             images["manifold"] = manifold_grid(model)
+        if model.likelihood.name == "continuous_bernoulli":  # its mean looks washed out; its lambda does not
+            images["lambda_and_mean"] = parameter_and_mean_grid(model, test_x[first], self.sample_seed)
         labelled = figure_labels(class_names, INTERPOLATION_PAIRS)
         for name, grid in images.items():
             with replaced_atomically(self.out / f"{name}.png") as partial:
@@ -133,6 +136,11 @@ def figure_labels(class_names: list[str], pairs: list[tuple[int, int]]) -> dict[
             row_labels=[f"{class_names[a]} → {class_names[b]}" for a, b in pairs],
             column_labels=[f"{t:.2g}" for t in torch.linspace(0, 1, 10).tolist()],
             bottom_title="t: decoded at (1 − t)·E[z|first] + t·E[z|second]",
+        ),
+        "lambda_and_mean": dict(
+            title="Continuous Bernoulli: reconstructions and prior draws as the decoder's λ and as the mean",
+            row_labels=["test image", "recon. λ", "recon. mean", "prior draw λ", "prior draw mean"],
+            column_labels=class_names,
         ),
         "manifold": dict(
             title="The 2-D latent space decoded on a grid of Gaussian quantiles (5 % to 95 %)",

@@ -20,7 +20,8 @@ from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.pca import principal_directions
 
-FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold")
+FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold",
+           "lambda_and_mean")  # fmt: skip
 GALLERY_PER_CLASS = 10
 MAX_SLIDERS = 32  # beyond this many latent dimensions, sliders follow the leading principal directions
 

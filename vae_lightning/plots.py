@@ -113,6 +113,19 @@ def reconstruction_grid(model: torch.nn.Module, x: Tensor, nrow: int = 10) -> Te
 
 
 @torch.no_grad()
+def parameter_and_mean_grid(model: torch.nn.Module, x: Tensor, seed: int) -> Tensor:
+    """For the continuous Bernoulli, whose mean is not its parameter: test digits; their
+    reconstructions (at E[z|x]) drawn as lambda = sigmoid(logits) and as the mean; then as many
+    draws from the prior, drawn both ways."""
+    mu, _ = model.encode(_as_input(model, x))
+    rows = [x.float().cpu()]
+    for z in (mu, model.sample_z(len(x), torch.Generator().manual_seed(seed))):
+        logits = model.decode_logits(z).float()
+        rows += [torch.sigmoid(logits).cpu(), model.likelihood.mean(logits).cpu()]
+    return digit_grid(torch.cat(rows), len(x))
+
+
+@torch.no_grad()
 def interpolation_grid(model: torch.nn.Module, x_from: Tensor, x_to: Tensor, steps: int = 10) -> Tensor:
     """One row per pair: decoded points on the straight line from E[z|a] to E[z|b]."""
     mu_a, _ = model.encode(_as_input(model, x_from))

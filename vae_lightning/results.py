@@ -31,8 +31,18 @@ BINARIZED_NOTE = (
 )
 
 
-def likelihood_note(metrics: dict[str, Any]) -> str:
-    """What ``test/iw_nll`` means under the run's protocol (``binarize`` in ``metrics``)."""
+DENSITY_NOTE = (
+    "test/iw_nll bounds the negative log-density of the test images under the {likelihood}, a density on "
+    "{support} (nats per image, so it can be negative): comparable with other densities of the same pixels, not "
+    "with a Bernoulli's number nor with the NLL of binarized MNIST that papers report"
+)
+SUPPORT = {"continuous_bernoulli": "[0, 1] per pixel", "gaussian": "the real line per pixel"}
+
+
+def likelihood_note(metrics: dict[str, Any], likelihood: str = "bernoulli") -> str:
+    """What ``test/iw_nll`` means under the run's protocol (``binarize`` in ``metrics``) and likelihood."""
+    if likelihood in SUPPORT:
+        return DENSITY_NOTE.format(likelihood=likelihood.replace("_", " "), support=SUPPORT[likelihood])
     return CONTINUOUS_NOTE if metrics.get("binarize", "none") == "none" else BINARIZED_NOTE
 
 
@@ -48,6 +58,7 @@ OUTPUT_FILES = {
     "interpolations.png": "decoded points between pairs of test digits",
     "latent_scatter.png": "the test set's E[z|x]",
     "manifold.png": "the 2-D latent space decoded on a grid",
+    "lambda_and_mean.png": "a continuous Bernoulli decoder's lambda beside its mean",
     "checkpoints": "the best epoch's weights and the last epoch's (continue with ckpt_path=<this run dir>)",
     "tensorboard": "curves and images: tensorboard --logdir <this run dir>, then the address below",
     "train.log": "everything printed, with times",
@@ -87,7 +98,7 @@ def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
     """Write ``metrics.json`` and the HPARAMS view of a finished run."""
     out = Path(cfg.paths.output_dir)
     if IW_NLL in metrics:
-        metrics["note"] = likelihood_note(metrics)
+        metrics["note"] = likelihood_note(metrics, cfg.model.get("likelihood", "bernoulli"))
     write_json(out / "metrics.json", metrics)
     for tb in (lg for lg in loggers if isinstance(lg, TensorBoardLogger)):
         tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in FINAL_METRICS if k in metrics})
