@@ -171,7 +171,8 @@ def wrong_kinds_of_file(real: Path, folder: Path) -> dict[str, tuple[Path, str]]
     for key, value, says in (("latent_dim", "20", "model.latent_dim='20' must be an integer"),
                              ("objective", "nonsense", "model.objective='nonsense' is not one of"),
                              # a string OmegaConf would resolve stays a string: the refusal quotes it
-                             ("init", "${oc.env:HOME}", "model.init='${oc.env:HOME}' is not one of")):  # fmt: skip
+                             ("init", "${oc.env:HOME}", "model.init='${oc.env:HOME}' is not one of"),
+                             ("lr", "${oc.env:HOME}", "model.lr='${oc.env:HOME}' must be a number > 0")):  # fmt: skip
         hparams = {**base["hyper_parameters"], "vae": dict(base["hyper_parameters"]["vae"])}
         (hparams if key in hparams else hparams["vae"])[key] = value
         save(f"bad_{key}.ckpt", {**base, "hyper_parameters": hparams}, says)

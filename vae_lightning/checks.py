@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
 from vae_lightning.likelihoods import LIKELIHOODS
+from vae_lightning.model import vae_settings_from_hparams
+from vae_lightning.module import TRAINING_KEYS
 from vae_lightning.nets import net_settings
 from vae_lightning.priors import PRIORS
 
@@ -27,6 +31,7 @@ VALUE_CHECKS = (
     ("model.latent_dim", _positive_int, "an integer >= 1"),
     ("model.lr", _positive_number, "a number > 0"),
     ("model.input_dim", _positive_int, "an integer >= 1"),
+    ("model.init_std", _positive_number, "a number > 0"),
     ("model.likelihood", lambda v: v in LIKELIHOODS, f"one of {', '.join(LIKELIHOODS)}"),
     ("model.prior", lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}"),
     ("model.prior_components", _positive_int, "an integer >= 1 (mixture components or pseudo-inputs)"),
@@ -56,6 +61,18 @@ def validate_config(cfg: DictConfig) -> None:
             net_settings(OmegaConf.to_container(cfg.model.net))
         except ValueError as err:
             raise UserError(f"{err}; see conf/model/net/ for the nets and their settings") from None
+
+
+def check_checkpoint_model(hparams: dict[str, Any], ckpt: Path) -> None:
+    """A checkpoint's model settings, which are data, against the checks the config's get."""
+    settings = {**vae_settings_from_hparams(hparams), **{k: hparams[k] for k in TRAINING_KEYS if k in hparams}}
+    for key, ok, expected in VALUE_CHECKS:
+        name = key.removeprefix("model.")
+        if key.startswith("model.") and name in settings and not ok(settings[name]):
+            raise UserError(
+                f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {expected}; "
+                "pass another checkpoint"
+            )
 
 
 # keys a "+key=value" override may add: arguments of the Lightning objects these build, which say

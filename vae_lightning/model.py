@@ -40,9 +40,6 @@ class VAE(nn.Module):
         prior_components: int = 500,
     ) -> None:
         super().__init__()
-        for key, size in (("input_dim", input_dim), ("latent_dim", latent_dim), ("prior_components", prior_components)):
-            if not isinstance(size, int) or isinstance(size, bool) or size < 1:  # (a checkpoint's value is data)
-                raise ValueError(f"model.{key}={size!r} must be an integer >= 1")
         net = net_settings(REFERENCE_NET if net is None else net)
         self.settings = {"net": net, "input_dim": input_dim, "latent_dim": latent_dim, "init": init,
                          "init_std": init_std, "likelihood": likelihood, "prior": prior,

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.checkpoints import find_checkpoint
+from vae_lightning.checks import check_checkpoint_model
 from vae_lightning.errors import UserError
 from vae_lightning.model import vae_settings_from_hparams
 from vae_lightning.module import TRAINING_KEYS, VAEModule
@@ -93,6 +94,7 @@ def keep_run_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig, named: s
             f"{ckpt} is not a vae_lightning training checkpoint (no VAE settings), so there is nothing to "
             "continue; pass a run dir or a checkpoint written by vae_lightning.train"
         )
+    check_checkpoint_model(saved, ckpt)
     saved_vae = vae_settings_from_hparams(saved)
     try:  # a checkpoint's settings are data: only values a VAE accepts are taken into the config
         with torch.random.fork_rng(devices=[]):  # the run's random numbers are not drawn from here
