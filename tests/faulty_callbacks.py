@@ -62,7 +62,9 @@ class SlurmStops(L.Callback):
     job: ``stops[i]`` is what happens in the job's start number i (``SLURM_RESTART_COUNT``), at step
     ``steps[i]`` (1-based). ``time_limit``: the signal submitit asked Slurm for (USR2), as Slurm sends
     it ``signal_delay_s`` before the time limit. ``preempt``: Slurm requeues the job and sends it
-    SIGTERM, as a pre-emption in PreemptMode=REQUEUE does."""
+    SIGTERM, as a pre-emption in PreemptMode=REQUEUE does. ``term_then_usr2``: SIGTERM and then
+    the job's signal, as Slurm pre-empts a job that asked for a signal (and as submitit's own test
+    helper does), with nobody but submitit to requeue it."""
 
     def __init__(self, stops: list[str], steps: list[int]) -> None:
         self.stops, self.steps = list(stops), list(steps)
@@ -72,6 +74,9 @@ class SlurmStops(L.Callback):
         if start >= len(self.stops) or trainer.global_step + 1 != self.steps[start]:
             return
         if self.stops[start] == "time_limit":
+            os.kill(os.getpid(), signal.SIGUSR2)
+        elif self.stops[start] == "term_then_usr2":
+            os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGUSR2)
         else:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")

@@ -58,12 +58,14 @@ def trained_steps(run: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_a_submitit_sweep_carries_on_through_a_time_limit_and_a_preemption(tmp_path, mnist_dir):
-    # start 1: the time-limit signal in epoch 2; start 2: a pre-emption in epoch 3
-    result, state, sweep = slurm_sweep(tmp_path, mnist_dir, "slurm", "[time_limit,preempt]", "[150,250]", "2,3")
+    # start 1: the time-limit signal in epoch 2; start 2: a pre-emption Slurm requeues, in epoch 3;
+    # start 3: a pre-emption that signals SIGTERM then USR2, which submitit requeues, in epoch 4
+    stops, steps = "[time_limit,preempt,term_then_usr2]", "[150,250,350]"
+    result, state, sweep = slurm_sweep(tmp_path, mnist_dir, "slurm", stops, steps, "2,3")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = job_states(state)
     assert list(jobs) == ["4242_0", "4242_1"]  # one Slurm array, as submitit submits a sweep
-    assert all(job["restarts"] == 2 and job["state"] == "COMPLETED" for job in jobs.values()), jobs
+    assert all(job["restarts"] == 3 and job["state"] == "COMPLETED" for job in jobs.values()), jobs
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["status"], r["epochs"]) for r in rows] == [("completed", "4")] * 2
@@ -74,10 +76,10 @@ def test_a_submitit_sweep_carries_on_through_a_time_limit_and_a_preemption(tmp_p
         assert trained_steps(run).tolist() == list(range(400))  # each step's record once
         assert (run / "report.html").is_file() and not list(run.rglob("hpc_ckpt*"))  # no Lightning requeue
         log = "".join(p.read_text() for p in (sweep / ".submitit" / f"4242_{n}").glob("*_log.*"))
-        assert "stopped by SIGUSR2 (Slurm's time limit or a pre-emption)" in log
-        assert "this job is timed-out" in log and f"Requeued job 4242_{n}" in log  # submitit requeued it
-        assert "stopped by SIGTERM" in log  # the pre-emption: Slurm requeued it
-        assert log.count("it continues from its own last.ckpt") == 2
+        assert log.count("error: stopped by SIGUSR2 (Slurm's time limit or a pre-emption)") == 2
+        assert f"Requeued job 4242_{n} (19 remaining" in log and f"Requeued job 4242_{n} (18 remaining" in log
+        assert log.count("error: stopped by SIGTERM") == 1  # the pre-emption Slurm requeued itself
+        assert log.count("it continues from its own last.ckpt") == 3
 
 
 @pytest.mark.slow
