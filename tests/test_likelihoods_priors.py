@@ -12,6 +12,7 @@ from helpers import brief_run
 from test_report import canvas, open_report, python_decode
 
 from vae_lightning.bound import iw_log_likelihood
+from vae_lightning.building import module_from_checkpoint
 from vae_lightning.datasets import load_split
 from vae_lightning.export import export
 from vae_lightning.likelihoods import LIKELIHOODS, ContinuousBernoulli, Gaussian
@@ -132,11 +133,15 @@ def test_a_vampprior_with_a_continuous_bernoulli_through_the_cli_report_and_expo
     page.goto((tmp_path / "report.html").as_uri() + "#z=" + ",".join(map(str, z)))
     page.reload()
     assert np.abs(canvas(page) - python_decode(tmp_path, z)).max() <= 1.0  # the continuous Bernoulli's mean
+    page.check("#show-lambda")  # its parameter instead, as the paper's images show it
+    vae = module_from_checkpoint(sorted((tmp_path / "checkpoints").glob("epoch_*.ckpt"))[0]).model.eval()
+    with torch.no_grad():
+        lam = torch.sigmoid(vae.decode_logits(torch.tensor([z]))).view(28, 28).numpy() * 255
+    assert np.abs(canvas(page) - lam).max() <= 1.0 and np.abs(lam - python_decode(tmp_path, z)).max() > 10
     page.close()
     assert errors == []
     from safetensors.torch import load_file
 
-    from vae_lightning.building import module_from_checkpoint
     from vae_lightning.checkpoints import find_checkpoint
 
     vae = module_from_checkpoint(find_checkpoint(tmp_path, "best")).model.eval()
