@@ -75,6 +75,10 @@ class SlurmStops(L.Callback):
             return
         if self.stops[start] == "time_limit":
             os.kill(os.getpid(), signal.SIGUSR2)
+        elif self.stops[start] == "cancel":  # the user's scancel
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+            subprocess.run(["scancel", job], check=True)
         elif self.stops[start] == "term_then_usr2":
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGUSR2)

@@ -95,6 +95,19 @@ def test_a_job_past_its_requeue_budget_says_so_and_keeps_its_epochs(tmp_path, mn
 
 
 @pytest.mark.slow
+def test_a_cancelled_job_is_one_line_and_the_sweep_summary_is_written(tmp_path, mnist_dir):
+    result, state, sweep = slurm_sweep(tmp_path, mnist_dir, "slurm", "[cancel]", "[150]", "20")
+    assert job_states(state)["4242"]["state"] == "CANCELLED"
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-2].startswith("error: submitit job 4242 ended without a result (CANCELLED)")
+    assert lines[-1].startswith("error: 1 of 1 jobs failed")
+    with (sweep / "summary.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"].startswith("failed: stopped by SIGTERM") and "last.ckpt keeps epoch 1" in row["status"]
+
+
+@pytest.mark.slow
 def test_a_plain_sbatch_run_in_a_named_dir_continues_when_slurm_requeues_it(tmp_path, mnist_dir):
     env, state = fake_cluster(tmp_path)
     run = tmp_path / "run"

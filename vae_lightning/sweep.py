@@ -20,7 +20,7 @@ from vae_lightning.mlflow_store import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json
 from vae_lightning.results import run_finished
-from vae_lightning.workarounds import set_for_every_job
+from vae_lightning.workarounds import read_submitit_jobs_without_a_result, set_for_every_job
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -124,6 +124,8 @@ class SweepSummary(Callback):
         varied |= set(OmegaConf.select(config, "hydra.sweeper.params") or {})  # an Optuna search's
         shared = sorted(set(keys) - varied)
         set_for_every_job(config, "hydra.job.config.override_dirname.exclude_keys", shared)
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_")):
+            read_submitit_jobs_without_a_result()  # a cancelled job is one line, not the sweep's end
         try:
             open_sweep_run(config)  # with logger=mlflow: the sweep's parent run (after RunDir chose the dir)
         except UserError as err:

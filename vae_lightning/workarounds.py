@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
@@ -156,3 +157,30 @@ def set_for_every_job(config: DictConfig, key: str, value: str | list[str]) -> N
     # a string quoted, as a path may hold = or , (or a quote: escaped as Hydra's grammar reads it)
     override = f"[{','.join(value)}]" if isinstance(value, list) else hydra_quoted(value)
     config.hydra.overrides.hydra.append(f"{key}={override}")
+
+
+def read_submitit_jobs_without_a_result() -> None:
+    """In a sweep's launching process: a submitit job that ended without a result (cancelled with
+    ``scancel``, killed at its time limit or for memory) is one line, its result None as a failed
+    sweep job's is (``train._failed``), and the other jobs' results and the sweep summary are kept;
+    its run dir says how it stopped. hydra-submitit-launcher 1.2's ``launch`` reads the results with
+    ``[j.results()[0] for j in jobs]``, and submitit's ``Job.results`` raises UncompletedJobError for
+    such a job, so the launching process ended in that traceback with no summary."""
+    try:
+        from submitit.core import core, utils
+    except ImportError:  # (the launchers are installed with the project; nothing to do without them)
+        return
+    if getattr(core.Job.results, "keeps_the_sweep", False):
+        return
+    results = core.Job.results
+
+    def results_or_none(job: Any) -> list[Any]:
+        try:
+            return results(job)
+        except utils.UncompletedJobError:
+            print(f"error: submitit job {job.job_id} ended without a result ({job.state}); its run dir keeps "
+                  "what it finished", file=sys.stderr)  # fmt: skip
+            return [JobReturn(status=JobStatus.COMPLETED)]
+
+    results_or_none.keeps_the_sweep = True  # type: ignore[attr-defined]
+    core.Job.results = results_or_none
