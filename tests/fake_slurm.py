@@ -101,7 +101,10 @@ def _run(job: str, script: str) -> None:
         env = {**os.environ, **state["env"]}
         if state["restarts"]:
             env["SLURM_RESTART_COUNT"] = str(state["restarts"])
-        log = _expand(state["options"].get("output", f"slurm-{job}.out"), env)
+        log = Path(_expand(state["options"].get("output", f"slurm-{job}.out"), env))
+        # submitit moves each task's files into its folder after sbatch returns: a job started at
+        # once (no queue here) can be ahead of it, so the log's folder is made here
+        log.parent.mkdir(parents=True, exist_ok=True)
         _write(job, state="RUNNING")
         with open(log, "a") as out:
             code = subprocess.call(["bash", script], env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -131,6 +134,8 @@ def srun(args: list[str]) -> None:
     (_state_dir() / f"{job}.step").write_text(str(os.getpid()))
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
     if "--output" in files:  # (without, the step writes where the batch script does)
+        for name in files.values():
+            Path(_expand(name, env)).parent.mkdir(parents=True, exist_ok=True)
         os.dup2(os.open(_expand(files["--output"], env), flags), 1)
         os.dup2(os.open(_expand(files["--error"], env), flags) if "--error" in files else 1, 2)
     os.execvp(args[i], args[i:])
@@ -179,6 +184,10 @@ def scancel(args: list[str]) -> None:
 if __name__ == "__main__":
     command, rest = sys.argv[1], sys.argv[2:]
     if command == "_run":
-        _run(*rest)
+        try:
+            _run(*rest)
+        except BaseException:  # a supervisor that fails says so: sacct must never show it RUNNING forever
+            _write(rest[0], state="FAILED")
+            raise
     else:
         {"sbatch": sbatch, "srun": srun, "sacct": sacct, "scontrol": scontrol, "scancel": scancel}[command](rest)
