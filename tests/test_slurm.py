@@ -47,8 +47,15 @@ def slurm_sweep(tmp_path: Path, mnist_dir: Path, launcher: str, stops: str, step
     return result, state, sweep
 
 
-def job_states(state: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(state.glob("*.json"))}
+def job_states(state: Path, wait_s: float = 600) -> dict[str, dict]:
+    """The fake Slurm's jobs once none is pending or running (a job's process may still be ending
+    after it wrote the result its launcher read), waiting at most ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        jobs = {p.stem: json.loads(p.read_text()) for p in sorted(state.glob("*.json"))}
+        if all(job["state"] not in ("PENDING", "RUNNING") for job in jobs.values()) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.5)
 
 
 def trained_steps(run: Path) -> list[int]:
@@ -117,9 +124,6 @@ def test_a_plain_sbatch_run_in_a_named_dir_continues_when_slurm_requeues_it(tmp_
     script.write_text(f"#!/bin/bash\n#SBATCH --requeue\n#SBATCH --output={tmp_path}/slurm-%j.out\n"
                       f"cd {REPO}\nsrun {subprocess.list2cmdline(command)}\n")  # fmt: skip
     subprocess.run(["sbatch", str(script)], env={**os.environ, **env}, check=True, capture_output=True)
-    deadline = time.monotonic() + 600
-    while job_states(state)["4242"]["state"] in ("PENDING", "RUNNING") and time.monotonic() < deadline:
-        time.sleep(1)
     job, log = job_states(state)["4242"], (tmp_path / "slurm-4242.out").read_text()
     assert job["state"] == "COMPLETED" and job["restarts"] == 1, log[-3000:]
     assert "stopped by SIGTERM" in log and f"Continuing the run in {run}" in log

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vae_lightning.checkpoints import check_finite, load_checkpoint
-from vae_lightning.checks import check_checkpoint_model, check_hardware, validate_config
+from vae_lightning.checks import check_hardware, checkpoint_module, validate_config
 from vae_lightning.data import BINARIZE, MNISTDataModule
 from vae_lightning.datasets import SOURCES
 from vae_lightning.errors import UserError
@@ -87,11 +87,7 @@ def load_trained(ckpt: Path) -> tuple[VAEModule, dict[str, Any]]:
             ) from None
         hparams = {"input_dim": inputs, "hidden_dim": hidden, "latent_dim": latent}
     check_finite(ckpt, weights)
-    check_checkpoint_model(hparams, ckpt)
-    try:
-        module = VAEModule.from_hparams(hparams)
-    except (ValueError, TypeError) as err:  # settings no net of this project has
-        raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
+    module = checkpoint_module(hparams, ckpt)
     try:
         module.load_state_dict(weights)
     except RuntimeError as err:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning.errors import UserError
 from vae_lightning.likelihoods import LIKELIHOODS
 from vae_lightning.model import vae_settings_from_hparams
-from vae_lightning.module import TRAINING_KEYS
+from vae_lightning.module import TRAINING_KEYS, VAEModule
 from vae_lightning.nets import net_settings
 from vae_lightning.priors import PRIORS
 
@@ -63,8 +63,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise UserError(f"{err}; see conf/model/net/ for the nets and their settings") from None
 
 
-def check_checkpoint_model(hparams: dict[str, Any], ckpt: Path) -> None:
-    """A checkpoint's model settings, which are data, against the checks the config's get."""
+def checkpoint_module(hparams: dict[str, Any], ckpt: Path) -> VAEModule:
+    """The module a checkpoint's model settings describe. The settings are data: checked as the
+    config's are, then by the module itself; a bad one is one line naming the file."""
     settings = {**vae_settings_from_hparams(hparams), **{k: hparams[k] for k in TRAINING_KEYS if k in hparams}}
     for key, ok, expected in VALUE_CHECKS:
         name = key.removeprefix("model.")
@@ -73,6 +74,10 @@ def check_checkpoint_model(hparams: dict[str, Any], ckpt: Path) -> None:
                 f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {expected}; "
                 "pass another checkpoint"
             )
+    try:
+        return VAEModule.from_hparams(hparams)
+    except (ValueError, TypeError, KeyError) as err:  # settings no net or objective of this project has
+        raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
 
 
 # keys a "+key=value" override may add: arguments of the Lightning objects these build, which say

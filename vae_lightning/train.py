@@ -154,9 +154,9 @@ def _stopped(out: Path, signum: int) -> None:
         print(f"error: {reason}", file=sys.stderr)
         record_failure(out, reason)
         raise SystemExit(128 + signum)
-    name = stopping.requeue_signal().name
-    print(f"error: stopped by {name} (Slurm's time limit or a pre-emption); {saved_progress(out)}", file=sys.stderr)
-    record_failure(out, f"stopped by {name}; {saved_progress(out, requeued=True)}")
+    name, kept = stopping.requeue_signal().name, saved_progress(out, requeued=True)  # (reads last.ckpt)
+    print(f"error: stopped by {name} (Slurm's time limit or a pre-emption); {kept}", file=sys.stderr)
+    record_failure(out, f"stopped by {name}; {kept}")
     if (not_requeued := stopping.requeue()) is None:  # (once requeued, submitit ends the process)
         raise SystemExit(128 + signum)
     reason = f"stopped by {name}, and submitit did not requeue the job: {not_requeued}; {saved_progress(out)}"
