@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from vae_lightning.likelihoods import sum_log_sigmoid_
+from vae_lightning.likelihoods import ContinuousBernoulli, sum_log_sigmoid_, sum_log_sigmoid_and_cb_normalizer_
 from vae_lightning.model import VAE
 
 
@@ -67,8 +67,9 @@ def _log_px_linear_head(model: VAE, x: Tensor, head):
     log p(x | z) = sum_j x_j l_j - softplus(l_j), and softplus(l) = (l + |l|) / 2 - log sigmoid(|l|),
     so everything linear in l is a product with h, never a k x pixels pass:
     sum_j (x_j - 1/2) l_j = h . W^T (x - 1/2) + b . (x - 1/2). What is left per logit is |l| and
-    ``sum_log_sigmoid_``, in place. The buffers are reused across chunks because fresh 100 MB
-    tensors cost page faults every time."""
+    ``sum_log_sigmoid_``, in place. A continuous Bernoulli adds log C(l) per logit, a function of |l|
+    too (``sum_log_sigmoid_and_cb_normalizer_``). The buffers are reused across chunks because fresh
+    100 MB tensors cost page faults every time."""
     hidden_layers, activation, output = head
     hidden = [(layer.weight.float().t(), layer.bias.float()) for layer in hidden_layers]
     act_ = torch.Tensor.relu_ if activation == "relu" else torch.Tensor.tanh_
@@ -76,19 +77,25 @@ def _log_px_linear_head(model: VAE, x: Tensor, head):
     n = len(x)
     h_coef = x @ w - 0.5 * w.sum(0)  # (n, hidden)
     b_coef = x @ b - 0.5 * b.sum()  # (n,)
+    continuous = isinstance(model.likelihood, ContinuousBernoulli)
     buffers: list[Tensor] = []
 
     def log_px(z: Tensor) -> Tensor:
         kc, rows = z.shape[0], z.shape[0] * n
         if not buffers or buffers[-1].shape[0] < rows:  # one per layer, reused by every chunk
             buffers[:] = [torch.empty(rows, wt.shape[1], device=x.device) for wt, _ in hidden]
-            buffers.append(torch.empty(rows, w.shape[0], device=x.device))
+            buffers.extend(torch.empty(rows, w.shape[0], device=x.device) for _ in range(1 + continuous))
         h = z.reshape(rows, -1).float()
         for (wt, bias), buffer in zip(hidden, buffers, strict=False):
             h = act_(torch.addmm(bias, h, wt, out=buffer[:rows]))
-        l_abs = torch.addmm(b, h, w.t(), out=buffers[-1][:rows]).abs_()
+        logits = buffers[len(hidden)][:rows]
+        l_abs = torch.addmm(b, h, w.t(), out=logits).abs_()
         linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
         half_abs = 0.5 * l_abs.sum(-1).view(kc, n)
-        return linear_part - half_abs + sum_log_sigmoid_(l_abs).view(kc, n)
+        if continuous:
+            per_logit = sum_log_sigmoid_and_cb_normalizer_(l_abs, buffers[-1][:rows])
+        else:
+            per_logit = sum_log_sigmoid_(l_abs)
+        return linear_part - half_abs + per_logit.view(kc, n)
 
     return log_px
