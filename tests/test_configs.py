@@ -6,7 +6,7 @@ import re
 import lightning as L
 import pytest
 import torch
-from helpers import CONF_DIR, compose_config, compose_train
+from helpers import CONF_DIR, compose_config, compose_train, run_in_one_interpreter
 from omegaconf import OmegaConf
 
 from vae_lightning.building import build
@@ -131,3 +131,20 @@ def test_a_new_key_that_nothing_reads_is_refused():
     with pytest.raises(UserError, match=r"\+foo=1: foo is not a setting of this project, so nothing would read it"):
         check_new_keys(["model.lr=1e-3", "+foo=1"])
     check_new_keys(["+trainer.limit_train_batches=10", "+callbacks.extra._target_=x.Y", "++seed=3"])
+
+
+def test_a_config_hydra_cannot_compose_is_one_line_with_the_nearest_name(tmp_path):
+    train, evaluate = "vae_lightning.train", "vae_lightning.eval"
+    commands = {
+        (train, "model.latentdim=3"): "model.latentdim is not a setting; did you mean model.latent_dim?",
+        (train, "max_epochs=3"): "max_epochs is not a setting; did you mean trainer.max_epochs?",
+        (train, "model=convv"): "model=convv is not a preset; did you mean model=conv? the presets of model: burda,",
+        (train, "-m", "seed=0,1", "model.lr"): "could not read an override (Error parsing override 'model.lr'",
+        (evaluate, "ckpt_path=x", "kk=3"): "kk is not a setting; did you mean eval.k?",
+    }
+    results = run_in_one_interpreter([["python", "-m", *words] for words in commands], cwd=tmp_path)
+    assert len(results) == len(commands)
+    for (code, _, err), expected in zip(results, commands.values(), strict=True):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), err
+    assert not any(tmp_path.iterdir())  # refused before anything was written

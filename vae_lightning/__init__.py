@@ -8,7 +8,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import vae_lightning.launch  # noqa: F401  (registers the ${tensorboard:...} config resolver)
-from vae_lightning.workarounds import silence_lightning_tips, silence_unactionable_warnings
+from vae_lightning.workarounds import (
+    config_errors_in_one_line,
+    silence_lightning_tips,
+    silence_unactionable_warnings,
+)
 
 silence_unactionable_warnings()
 silence_lightning_tips()
+config_errors_in_one_line()

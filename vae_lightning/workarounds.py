@@ -184,3 +184,34 @@ def read_submitit_jobs_without_a_result() -> None:
 
     results_or_none.keeps_the_sweep = True  # type: ignore[attr-defined]
     core.Job.results = results_or_none
+
+
+def config_errors_in_one_line() -> None:
+    """A config Hydra cannot compose (``model.latentdim=3``, ``model=convv``) is reported by
+    ``hydra._internal.utils.run_and_report`` as Hydra's message, OmegaConf's key dump and a hint
+    about HYDRA_FULL_ERROR, several lines a newcomer must decode (facebookresearch/hydra#1912,
+    #349); it has no hook, so its module attribute is wrapped. The error is printed as one line
+    (``errors.config_error_line``), exit status 1 as before; HYDRA_FULL_ERROR=1 still raises it."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    from vae_lightning.errors import config_error_line
+
+    report = hydra_utils.run_and_report
+    if getattr(report, "one_line", False):
+        return
+
+    def run_and_report(func: Any) -> Any:
+        def composed() -> Any:
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {config_error_line(err)}", file=sys.stderr)
+                sys.exit(1)
+
+        return report(composed)
+
+    run_and_report.one_line = True
+    hydra_utils.run_and_report = run_and_report
