@@ -62,8 +62,8 @@ class RunDir(Callback):
         continuation = None
         if self.continue_runs:
             ckpt_path = config.get("ckpt_path")
-            if not ckpt_path and named and slurm_restarts() and (Path(config.hydra.run.dir) / LAST).is_file():
-                ckpt_path = "last"  # Slurm requeued this job: it continues its own run
+            if named:
+                ckpt_path = requeued_ckpt_path(ckpt_path, Path(config.hydra.run.dir))
             named_dir = config.hydra.run.dir if named and str(ckpt_path) == "last" else None
             continuation = resolve(ckpt_path, config.paths.log_dir, named_dir)
         with read_write(config):
@@ -113,6 +113,18 @@ def refuse_a_finished_run(directory: Path) -> None:
 
 
 LAST = Path("checkpoints") / "last.ckpt"
+
+
+def requeued_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """``"last"`` for a job Slurm requeued (a pre-emption, a node failure, submitit's requeue at the
+    time limit) whose command named no checkpoint and whose ``run_dir`` has one: it continues its
+    own run. ``ckpt_path`` otherwise. Asked where a job's dir is known: a single run's before Hydra
+    makes it (``RunDir``, a named ``hydra.run.dir``), a sweep job's when it plans (``train.plan``)."""
+    if ckpt_path or not slurm_restarts() or not (run_dir / LAST).is_file():
+        return ckpt_path
+    return "last"
+
+
 _held: dict[Path, int] = {}  # run dir -> the open lock file: held until the job ends or the process dies
 
 

@@ -27,7 +27,7 @@ from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
 from vae_lightning.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
-from vae_lightning.rundir import forget_continuation, hold_run_dir, release_run_dir
+from vae_lightning.rundir import forget_continuation, hold_run_dir, release_run_dir, requeued_ckpt_path
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,9 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     check_new_keys(overrides)
     ckpt_path = cfg.get("ckpt_path")
-    if sweep_job and not ckpt_path and (restarts := slurm_restarts()):  # (a single run's: rundir)
-        log.info(f"Slurm requeued this job ({restarts} time(s)): it continues from its own last.ckpt")
-        ckpt_path = "last"
+    if sweep_job and (requeued := requeued_ckpt_path(ckpt_path, out)) != ckpt_path:  # (a single run's: RunDir)
+        log.info(f"Slurm requeued this job ({slurm_restarts()} time(s)): it continues from its own last.ckpt")
+        ckpt_path = requeued
     resume = plan_resume(ckpt_path, out, cfg.trainer.max_epochs, sweep_job)
     if resume.finished is not None:
         return resume, None
