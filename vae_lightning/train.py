@@ -132,7 +132,7 @@ def _job(cfg: DictConfig, out: Path) -> float | None:
         end_process_group()
         return metrics.get(cfg.get("optimized_metric"))
     except SIGTERMException:  # a scheduler's stop or pre-emption: the whole sweep stops too
-        return _stopped(out, stopping.stop_signal() or signal.SIGTERM)
+        return _stopped(out, stopping.stop_signal())
     except UserError as err:
         reason = str(err)
     except Exception as err:
@@ -144,13 +144,16 @@ def _job(cfg: DictConfig, out: Path) -> float | None:
     return _failed(out, reason)
 
 
-def _stopped(out: Path, signum: int) -> None:
+def _stopped(out: Path, signum: int | None) -> None:
     """Say what a stop signal stopped and what was kept; in a submitit job asked to requeue (its
     signal came, alone or after Slurm's SIGTERM), hand the job to submitit, which requeues it and
     ends this process. Exit 128 + the signal, with no result for a launcher to read: a job Slurm
-    requeues runs again and gives its result then."""
+    requeues runs again and gives its result then. ``signum`` None: another process of the run got
+    the signal (DDP: they stop together), and this one says so rather than name a signal it never got."""
+    by = "with the run's other processes (one of them got a stop signal)" if signum is None else None
+    signum = signum or signal.SIGTERM
     if not stopping.requeue_asked(wait_s=5.0 if stopping.requeue_signal() else 0.0):
-        reason = f"stopped by {signal.Signals(signum).name}; {saved_progress(out)}"
+        reason = f"stopped {by or 'by ' + signal.Signals(signum).name}; {saved_progress(out)}"
         print(f"error: {reason}", file=sys.stderr)
         record_failure(out, reason)
         raise SystemExit(128 + signum)
