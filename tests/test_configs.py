@@ -115,6 +115,7 @@ def test_a_bad_value_names_the_group(tmp_path):
         ("eval.batch_size=0", "eval.batch_size=0 is not valid: it must be an integer >= 1 (test images per pass)"),
         ("seed=-1", "seed=-1 is not valid: it must be an integer in [0, 2**32)"),
         ("seed=4294967296", "seed=4294967296 is not valid: it must be an integer in [0, 2**32)"),
+        ("model.net=conv", "model.net='conv' is not valid: it is a block of settings; choose a net with model/net="),
     ],
 )
 def test_impossible_values_are_refused_before_anything_is_built(tmp_path, override, message):

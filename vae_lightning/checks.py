@@ -13,7 +13,7 @@ from vae_lightning.errors import UserError
 from vae_lightning.likelihoods import LIKELIHOODS
 from vae_lightning.model import vae_settings_from_hparams
 from vae_lightning.module import TRAINING_KEYS, VAEModule
-from vae_lightning.nets import net_settings
+from vae_lightning.nets import NETS, net_settings
 from vae_lightning.priors import PRIORS
 
 
@@ -56,7 +56,12 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
             raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
-    if OmegaConf.select(cfg, "model.net") is not None:
+    net = OmegaConf.select(cfg, "model.net")
+    if net is not None and not isinstance(net, DictConfig):  # model.net=conv for model/net=conv
+        choice = net if net in NETS else "<name>"
+        raise UserError(f"model.net={net!r} is not valid: it is a block of settings; choose a net with "
+                        f"model/net={choice} (the nets: {', '.join(NETS)})")  # fmt: skip
+    if net is not None:
         try:
             net_settings(OmegaConf.to_container(cfg.model.net))
         except ValueError as err:
