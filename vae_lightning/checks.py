@@ -56,12 +56,12 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
             raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
-    net = OmegaConf.select(cfg, "model.net")
-    if net is not None and not isinstance(net, DictConfig):  # model.net=conv for model/net=conv
-        choice = net if net in NETS else "<name>"
+    net = OmegaConf.select(cfg, "model.net", default=_ABSENT)
+    if net is not _ABSENT and not isinstance(net, DictConfig):  # model.net=conv for model/net=conv
+        choice = net if isinstance(net, str) and net in NETS else "<name>"
         raise UserError(f"model.net={net!r} is not valid: it is a block of settings; choose a net with "
                         f"model/net={choice} (the nets: {', '.join(NETS)})")  # fmt: skip
-    if net is not None:
+    if net is not _ABSENT:
         try:
             net_settings(OmegaConf.to_container(cfg.model.net))
         except ValueError as err:
