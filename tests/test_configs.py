@@ -116,6 +116,7 @@ def test_a_bad_value_names_the_group(tmp_path):
         ("seed=-1", "seed=-1 is not valid: it must be an integer in [0, 2**32)"),
         ("seed=4294967296", "seed=4294967296 is not valid: it must be an integer in [0, 2**32)"),
         ("model.net=conv", "model.net='conv' is not valid: it is a block of settings; choose a net with model/net="),
+        ("model.net=null", "model.net=None is not valid: it is a block of settings; choose a net with model/net="),
     ],
 )
 def test_impossible_values_are_refused_before_anything_is_built(tmp_path, override, message):
@@ -142,6 +143,7 @@ def test_a_config_hydra_cannot_compose_is_one_line_with_the_nearest_name(tmp_pat
         (train, "model=convv"): "model=convv is not a preset; did you mean model=conv? the presets of model: burda,",
         (train, "-m", "seed=0,1", "model.lr"): "could not read an override (Error parsing override 'model.lr'",
         (evaluate, "ckpt_path=x", "kk=3"): "kk is not a setting; did you mean eval.k?",
+        (train, "model.net=[1,2]"): "Error merging override model.net=[1,2]; Cannot merge DictConfig with ListConfig",
     }
     results = run_in_one_interpreter([["python", "-m", *words] for words in commands], cwd=tmp_path)
     assert len(results) == len(commands)

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 class UserError(Exception):
@@ -30,7 +31,7 @@ def config_error_line(err: Exception) -> str:
         guess = difflib.get_close_matches(choice, err.options, n=1)
         hint = f"did you mean {group}={guess[0]}? " if guess else ""
         return f"{group}={choice} is not a preset; {hint}the presets of {group}: {', '.join(err.options)}"
-    if getattr(cause, "full_key", None) and getattr(cause, "parent_node", None) is not None:
+    if isinstance(cause, ConfigKeyError | ConfigAttributeError) and cause.full_key and cause.parent_node is not None:
         parent, _, key = cause.full_key.rpartition(".")
         names = {".".join(filter(None, (parent, str(k)))): str(k) for k in cause.parent_node.keys()}
         if not parent:  # a setting written without its block (latent_dim=3): any block's
@@ -40,6 +41,8 @@ def config_error_line(err: Exception) -> str:
         hint = f"did you mean {next(k for k, v in names.items() if v == guess[0])}? " if guess else ""
         return f"{cause.full_key} is not a setting; {hint}--cfg job prints every setting"
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
+    if isinstance(cause, OmegaConfBaseException):  # Hydra prints its message too: the first line says why
+        lines.append(str(cause).splitlines()[0])
     if isinstance(err, OverrideParseException):
         return f"could not read an override ({'; '.join(lines)}); write each as key=value"
     return "; ".join(lines[: next((i for i, line in enumerate(lines) if line.startswith("Config search path")), None)])

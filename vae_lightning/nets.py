@@ -124,8 +124,8 @@ class ConvDecoder(nn.Module):
         self.deconv2 = nn.ConvTranspose2d(c1, 1, 4, stride=2, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        # channels-last: the same numbers, and 1.35x the decodes per second on a CPU (the k = 5000
-        # bound is almost all decodes; docs/performance.md)
+        # channels-last: the same numbers, and 1.37x the decodes per second on a CPU (the k = 5000
+        # bound is almost all decodes; benchmarks/conv_decode.py)
         h = torch.relu(self.fc(z)).view(-1, *self.grid).contiguous(memory_format=torch.channels_last)
         h = self.deconv2(torch.relu(self.deconv1(h)))
         return h.flatten(1)
