@@ -34,6 +34,7 @@ def main() -> None:
         "bernoulli, fast": (models["bernoulli"], binary, True),
         "continuous_bernoulli, fast": (models["continuous_bernoulli"], x, True),
         "continuous_bernoulli, generic": (models["continuous_bernoulli"], x, False),
+        "gaussian, fast": (models["gaussian"], x, True),
         "gaussian, generic": (models["gaussian"], x, False),
     }
 
@@ -57,9 +58,9 @@ def main() -> None:
         median = statistics.median(ts)
         per_test_set = median * 10000 / args.images / 60
         print(f"{name}: {median:.2f} s for {args.images} images, about {per_test_set:.1f} min per test set")
-    cb_fast, cb_generic = results["continuous_bernoulli, fast"], results["continuous_bernoulli, generic"]
-    diff = (cb_fast - cb_generic).abs().max()
-    print(f"continuous Bernoulli, fast against generic path: largest difference {diff:.1e} nats")
+    for likelihood in ("continuous_bernoulli", "gaussian"):
+        diff = (results[f"{likelihood}, fast"] - results[f"{likelihood}, generic"]).abs().max()
+        print(f"{likelihood}, fast against generic path: largest difference {diff:.1e} nats")
 
 
 if __name__ == "__main__":

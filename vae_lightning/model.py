@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.likelihoods import Bernoulli, ContinuousBernoulli, build_likelihood
+from vae_lightning.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, build_likelihood
 from vae_lightning.nets import build_nets, net_settings
 from vae_lightning.priors import build_prior
 
@@ -107,11 +107,13 @@ class VAE(nn.Module):
         return self.decode(self.sample_z(n, generator))
 
     def linear_head(self) -> tuple[list[nn.Linear], str, nn.Linear] | None:
-        """(hidden layers, their activation, output layer) when a (continuous) Bernoulli decoder's
-        logits are a linear map of its last hidden layer, as in every MLP: the bound then needs no
-        k x pixels pass for what is linear in the logits (``bound``). None otherwise."""
+        """(hidden layers, their activation, output layer) when the decoder's logits are a linear map
+        of its last hidden layer, as in every MLP: the bound then runs the layers itself, in reused
+        buffers, and for a (continuous) Bernoulli needs no k x pixels pass for what is linear in the
+        logits (``bound``). None otherwise."""
         layer = getattr(self.decoder, "output_layer", None)
-        if not isinstance(layer, nn.Linear) or not isinstance(self.likelihood, Bernoulli | ContinuousBernoulli):
+        scored = isinstance(self.likelihood, Bernoulli | ContinuousBernoulli | Gaussian)
+        if not isinstance(layer, nn.Linear) or not scored:
             return None
         return self.decoder.hidden_layers, self.decoder.activation, layer
 
