@@ -144,6 +144,8 @@ def test_a_config_hydra_cannot_compose_is_one_line_with_the_nearest_name(tmp_pat
         (train, "-m", "seed=0,1", "model.lr"): "could not read an override (Error parsing override 'model.lr'",
         (evaluate, "ckpt_path=x", "kk=3"): "kk is not a setting; did you mean eval.k?",
         (train, "model.net=[1,2]"): "Error merging override model.net=[1,2]; Cannot merge DictConfig with ListConfig",
+        (train, "+model.lr=0.01"): "model.lr is already a setting: write model.lr=0.01 (a leading + adds",
+        (train, "seed=0,1"): "seed=0,1 gives several values: add -m to run one job for each, or write seed=[0,1]",
     }
     results = run_in_one_interpreter([["python", "-m", *words] for words in commands], cwd=tmp_path)
     assert len(results) == len(commands)

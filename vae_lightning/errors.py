@@ -1,6 +1,7 @@
 """Errors a user can cause and fix; entry points print them as one line."""
 
 import difflib
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -40,6 +41,14 @@ def config_error_line(err: Exception) -> str:
         guess = difflib.get_close_matches(key, names.values(), n=1)
         hint = f"did you mean {next(k for k, v in names.items() if v == guess[0])}? " if guess else ""
         return f"{cause.full_key} is not a setting; {hint}--cfg job prints every setting"
+    # Hydra's two messages that list their fixes as numbered sentences (its wording, hydra 1.3)
+    appended = re.search(r"An item is already at '([^']+)'.*remove \+ prefix: '([^']+)'", str(err), re.S)
+    if appended:
+        return f"{appended[1]} is already a setting: write {appended[2]} (a leading + adds a new setting)"
+    ambiguous = re.search(r"Ambiguous value for argument '(([^=']+)=([^']+))'", str(err))
+    if ambiguous:
+        override, key, values = ambiguous.groups()
+        return f"{override} gives several values: add -m to run one job for each, or write {key}=[{values}] for a list"
     lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith("See https")]
     if isinstance(cause, OmegaConfBaseException):  # Hydra prints its message too: the first line says why
         lines.append(str(cause).splitlines()[0])
