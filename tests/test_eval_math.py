@@ -152,3 +152,48 @@ def test_principal_directions_are_the_svds_and_stay_cheap_for_a_huge_latent_spac
     points += 0.01 * torch.randn(10_000, 10_000, generator=g)
     _, _, v, _ = pca.principal_directions(points, 3)  # the exact SVD would take minutes
     assert torch.allclose((v @ strong.T).norm(dim=1), torch.ones(3), atol=1e-3)  # within their span
+
+
+def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vae_lightning import evaluation
+    from vae_lightning.evaluation import BOUND_PROGRESS, Evaluation
+
+    torch.manual_seed(0)
+    model = VAE({"hidden": [16]}, latent_dim=3).eval()
+    x = torch.rand(10, 784).round()
+    trainer = SimpleNamespace(received_sigterm=False, callbacks=[])
+    whole, whole_mu = Evaluation(str(tmp_path / "whole"), k=1000, batch_size=3).bound(model, x, trainer)
+    calls, real, run = [], evaluation.iw_log_likelihood, tmp_path / "run"
+
+    def counted(model, xb, *args):
+        calls.append(len(xb))
+        trainer.received_sigterm = stopping and len(calls) == 2  # a stop signal during the second batch
+        return real(model, xb, *args)
+
+    def bound_of(model, stop: bool):
+        nonlocal stopping
+        calls.clear()
+        trainer.received_sigterm, stopping = False, stop
+        return Evaluation(str(run), k=1000, batch_size=3).bound(model, x, trainer)
+
+    stopping = False
+    monkeypatch.setattr(evaluation, "iw_log_likelihood", counted)
+    with pytest.raises(SIGTERMException):
+        bound_of(model, stop=True)
+    assert calls == [3, 3] and (run / BOUND_PROGRESS).is_file()
+
+    continued, mu = bound_of(model, stop=False)
+    assert calls == [3, 1]  # only the images the stopped pass had not done
+    assert continued == whole and torch.equal(mu, whole_mu)  # the same noise, continued: the same number
+    assert not (run / BOUND_PROGRESS).exists()
+
+    with pytest.raises(SIGTERMException):
+        bound_of(model, stop=True)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    bound_of(model, stop=False)
+    assert calls == [3, 3, 3, 1]  # other weights' progress is not used

@@ -4,6 +4,7 @@ bound, active units and the figures people look at. The test ELBO itself is the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -33,6 +34,35 @@ from vae_lightning.plots import (
 )
 
 INTERPOLATION_PAIRS = [(0, 6), (1, 7), (2, 3), (3, 8), (4, 9), (5, 6), (7, 1), (9, 4)]
+BOUND_PROGRESS = "bound_progress.pt"  # in the output dir, while a long bound runs
+
+
+class BoundProgress:
+    """A long bound's finished batches, kept in ``BOUND_PROGRESS`` after each one: a run stopped or
+    killed in its test pass continues its bound where it was (its continuation tests the same
+    weights), with the noise generator's state, so the result is the uninterrupted one's. The file
+    names what it is the progress of (a digest of the weights, the test images and the settings);
+    anything else found there is ignored, and it is read by torch's safe loader only."""
+
+    def __init__(self, path: Path, model: VAE, test_x: Tensor, settings: tuple) -> None:
+        self.path, digest = path, hashlib.sha256(repr(settings).encode())
+        for tensor in [*model.state_dict().values(), test_x]:
+            digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        self.key = digest.hexdigest()
+
+    def load(self) -> dict | None:
+        """The saved batches' bounds and E[z|x] (CPU tensors), their count and the generator's state."""
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # no file, or one from a kill mid-write of an older version: start over
+            return None
+        return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
+
+    def save(self, bounds: list[Tensor], mus: list[Tensor], generator: torch.Generator) -> None:
+        state = {"key": self.key, "bounds": torch.cat(bounds).cpu(), "mus": torch.cat(mus).cpu(),
+                 "generator": generator.get_state()}  # fmt: skip
+        with replaced_atomically(self.path) as partial:
+            torch.save(state, partial)
 
 
 class Evaluation(L.Callback):
@@ -70,18 +100,31 @@ class Evaluation(L.Callback):
         gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
         start, next_report = time.perf_counter(), 0.1
         bounds, mus, done = [], [], 0
-        for xb in test_x.split(self.batch_size):
+        settings = (self.k, self.seed, self.batch_size, self.chunk_rows)
+        progress = BoundProgress(self.out / BOUND_PROGRESS, model, test_x, settings) if self.k >= 1000 else None
+        saved = progress.load() if progress else None
+        if saved:
+            bounds, mus = [saved["bounds"].to(test_x.device)], [saved["mus"].to(test_x.device)]
+            done = len(saved["bounds"])
+            gen.set_state(saved["generator"])
+            print(f"  importance-weighted bound, k={self.k}: continued after {done} images", flush=True)
+            next_report = math.floor(done / len(test_x) * 10 + 1) / 10
+        for xb in test_x[done:].split(self.batch_size):
             if stop_requested(trainer):  # checked between test batches, not in this long hook
                 raise SIGTERMException
             bounds.append(iw_log_likelihood(model, xb, self.k, self.chunk_rows, gen))
             mus.append(model.encode(xb.to(model.dtype))[0].float())
             done += len(xb)
+            if progress:
+                progress.save(bounds, mus, gen)
             if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue
                     torch.cuda.synchronize(test_x.device)
                 print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "
                       f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
                 next_report += 0.1
+        if progress:
+            progress.path.unlink(missing_ok=True)
         return -torch.cat(bounds).mean().item(), torch.cat(mus)
 
     def write_figures(self, model: VAE, test_x: Tensor, labels: Tensor, mu: Tensor, trainer: L.Trainer) -> None:
