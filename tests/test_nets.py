@@ -75,6 +75,16 @@ def test_the_fast_bound_equals_the_generic_one(net, likelihood, monkeypatch):
     torch.testing.assert_close(fast, generic, rtol=1e-6, atol=2e-4)
 
 
+def test_a_decoder_takes_the_fast_path_only_with_all_it_needs():
+    vae = VAE(NET_SETTINGS["reference"], latent_dim=4).eval()
+    assert vae.linear_head() is not None
+    vae.decoder.activation = "gelu"  # an activation the bound does not run itself
+    assert vae.linear_head() is None
+    del vae.decoder.activation  # a user's net with an output_layer but not the rest
+    assert vae.linear_head() is None
+    assert torch.isfinite(iw_log_likelihood(vae, (torch.rand(3, 784) < 0.3).float(), 20)).all()
+
+
 def test_the_conv_nets_bound_against_float64(monkeypatch):
     """The generic path against the textbook formula, in float64, with the same draws of z; its
     decodes in slices of 7 rows, so that a slice starts mid-chunk and mid-image."""

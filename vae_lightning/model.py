@@ -112,10 +112,13 @@ class VAE(nn.Module):
         buffers, and for a (continuous) Bernoulli needs no k x pixels pass for what is linear in the
         logits (``bound``). None otherwise."""
         layer = getattr(self.decoder, "output_layer", None)
+        hidden = getattr(self.decoder, "hidden_layers", None)
+        activation = getattr(self.decoder, "activation", None)
         scored = isinstance(self.likelihood, Bernoulli | ContinuousBernoulli | Gaussian)
-        if not isinstance(layer, nn.Linear) or not scored:
-            return None
-        return self.decoder.hidden_layers, self.decoder.activation, layer
+        plain = isinstance(hidden, list) and all(isinstance(h, nn.Linear) for h in hidden)
+        if not isinstance(layer, nn.Linear) or not plain or activation not in ("relu", "tanh") or not scored:
+            return None  # the bound runs these two activations itself, in place; any other net decodes
+        return hidden, activation, layer
 
     def page_ops(self) -> list[dict[str, Any]]:
         """The decoder's operations as plain data for the report's in-page decoder (logits out; the
