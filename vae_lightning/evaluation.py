@@ -54,7 +54,7 @@ class BoundProgress:
         """The saved batches' bounds and E[z|x] (CPU tensors), their count and the generator's state."""
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # no file, or one from a kill mid-write of an older version: start over
+        except Exception:  # no file, or one the safe loader refuses or cannot read: start over
             return None
         return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
 
