@@ -72,7 +72,7 @@ def test_the_fast_bound_equals_the_generic_one(net, likelihood, monkeypatch):
     generic = iw_log_likelihood(vae, x, 300, chunk_rows=700, generator=torch.Generator().manual_seed(3))
     # the Gaussian's -log p reaches 1e5 nats here (sigma at its floor): fp32 sums in another order
     # differ by ~2e-7 of that, as both paths differ from a float64 reference
-    torch.testing.assert_close(fast, generic, rtol=1e-6, atol=2e-4)
+    torch.testing.assert_close(fast, generic, rtol=1e-6 if likelihood == "gaussian" else 0, atol=2e-4)
 
 
 def test_a_decoder_takes_the_fast_path_only_with_all_it_needs():
