@@ -15,6 +15,7 @@ from vae_lightning.likelihoods import (
     sum_log_sigmoid_and_cb_normalizer_,
 )
 from vae_lightning.model import VAE
+from vae_lightning.nets import IN_PLACE_ACTIVATIONS
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:
@@ -104,10 +105,7 @@ def _log_px_linear_head(model: VAE, x: Tensor, head):
 
     def log_px(z: Tensor) -> Tensor:
         kc, rows = z.shape[0], z.shape[0] * n
-        if not buffers or buffers[-1].shape[0] < rows:  # one per layer, reused by every chunk
-            buffers[:] = [torch.empty(rows, wt.shape[1], device=x.device) for wt, _ in hidden]
-            buffers.extend(torch.empty(rows, w.shape[0], device=x.device) for _ in range(1 + continuous))
-        h = _run_hidden(z, hidden, act_, buffers, rows)
+        h = _run_hidden(z, hidden, act_, buffers, pixel_buffers=1 + continuous, pixels=w.shape[0])
         logits = buffers[len(hidden)][:rows]
         l_abs = torch.addmm(b, h, w.t(), out=logits).abs_()
         linear_part = h.view(kc, n, -1).mul_(h_coef).sum(-1) + b_coef  # h is not needed after this
@@ -137,10 +135,7 @@ def _log_px_gaussian_head(model: VAE, x: Tensor, head):
 
     def log_px(z: Tensor) -> Tensor:
         kc, rows = z.shape[0], z.shape[0] * n
-        if not buffers or buffers[-1].shape[0] < rows:
-            buffers[:] = [torch.empty(rows, wt.shape[1], device=x.device) for wt, _ in hidden]
-            buffers.append(torch.empty(rows, w.shape[0], device=x.device))
-        h = _run_hidden(z, hidden, act_, buffers, rows)
+        h = _run_hidden(z, hidden, act_, buffers, pixel_buffers=1, pixels=w.shape[0])
         diff = torch.addmm(b, h, w.t(), out=buffers[-1][:rows]).sigmoid_()
         diff.view(kc, n, -1).sub_(x).square_()
         return constant - 0.5 * (diff @ inv_var).view(kc, n)
@@ -152,12 +147,19 @@ def _head_in_fp32(head) -> tuple[list[tuple[Tensor, Tensor]], object, Tensor, Te
     """(hidden layers as (W^T, b) pairs, their in-place activation, output W, output b), in fp32."""
     hidden_layers, activation, output = head
     hidden = [(layer.weight.float().t(), layer.bias.float()) for layer in hidden_layers]
-    act_ = torch.Tensor.relu_ if activation == "relu" else torch.Tensor.tanh_
-    return hidden, act_, output.weight.float(), output.bias.float()
+    return hidden, IN_PLACE_ACTIVATIONS[activation], output.weight.float(), output.bias.float()
 
 
-def _run_hidden(z: Tensor, hidden: list[tuple[Tensor, Tensor]], act_, buffers: list[Tensor], rows: int) -> Tensor:
-    """The decoder's hidden layers on z (kc, n, d) flattened to rows, each into its reused buffer."""
+def _run_hidden(
+    z: Tensor, hidden: list[tuple[Tensor, Tensor]], act_, buffers: list[Tensor], pixel_buffers: int, pixels: int
+) -> Tensor:
+    """The decoder's hidden layers on z (kc, n, d) flattened to rows, each into its buffer. ``buffers``
+    holds one per layer and then ``pixel_buffers`` of ``pixels`` columns for the caller, made anew only
+    when a chunk has more rows than they do: reused by every chunk of a bound."""
+    rows = z.shape[0] * z.shape[1]
+    if not buffers or buffers[-1].shape[0] < rows:
+        buffers[:] = [torch.empty(rows, wt.shape[1], device=z.device) for wt, _ in hidden]
+        buffers.extend(torch.empty(rows, pixels, device=z.device) for _ in range(pixel_buffers))
     h = z.reshape(rows, -1).float()
     for (wt, bias), buffer in zip(hidden, buffers, strict=False):
         h = act_(torch.addmm(bias, h, wt, out=buffer[:rows]))

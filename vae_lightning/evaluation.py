@@ -101,7 +101,8 @@ class Evaluation(L.Callback):
         start, next_report = time.perf_counter(), 0.1
         bounds, mus, done = [], [], 0
         settings = (self.k, self.seed, self.batch_size, self.chunk_rows)
-        progress = BoundProgress(self.out / BOUND_PROGRESS, model, test_x, settings) if self.k >= 1000 else None
+        long = self.k >= 1000  # a bound of minutes: it says how far it is, and keeps its progress
+        progress = BoundProgress(self.out / BOUND_PROGRESS, model, test_x, settings) if long else None
         saved = progress.load() if progress else None
         if saved:
             bounds, mus = [saved["bounds"].to(test_x.device)], [saved["mus"].to(test_x.device)]
@@ -117,7 +118,7 @@ class Evaluation(L.Callback):
             done += len(xb)
             if progress:
                 progress.save(bounds, mus, gen)
-            if self.k >= 1000 and done / len(test_x) >= next_report:  # long runs say how far they are
+            if long and done / len(test_x) >= next_report:
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue
                     torch.cuda.synchronize(test_x.device)
                 print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, build_likelihood
-from vae_lightning.nets import build_nets, net_settings
+from vae_lightning.nets import IN_PLACE_ACTIVATIONS, build_nets, net_settings
 from vae_lightning.priors import build_prior
 
 INIT_SCHEMES = ("default", "xavier_normal", "normal")
@@ -116,8 +116,8 @@ class VAE(nn.Module):
         activation = getattr(self.decoder, "activation", None)
         scored = isinstance(self.likelihood, Bernoulli | ContinuousBernoulli | Gaussian)
         plain = isinstance(hidden, list) and all(isinstance(h, nn.Linear) for h in hidden)
-        if not isinstance(layer, nn.Linear) or not plain or activation not in ("relu", "tanh") or not scored:
-            return None  # the bound runs these two activations itself, in place; any other net decodes
+        if not isinstance(layer, nn.Linear) or not plain or activation not in IN_PLACE_ACTIVATIONS or not scored:
+            return None  # the bound runs the activation itself, in place; any other net decodes
         return hidden, activation, layer
 
     def page_ops(self) -> list[dict[str, Any]]:
