@@ -123,7 +123,8 @@ def _log_px_gaussian_head(model: VAE, x: Tensor, head):
     """log p(x | z) of a Gaussian decoder whose logits are linear in its last hidden layer:
     -1/2 sum_j (x_j - sigmoid(l_j))^2 / v_j + log v_j + log 2 pi. Nothing here is linear in l, so
     the gain over the generic path is its buffers: three in-place passes and one matrix-vector
-    product, where the generic path allocates a fresh k x pixels tensor per operation. The square
+    product, where the generic path allocates a temporary per operation (1.2x on a CPU, where those
+    stay small: benchmarks/bound_paths.py). The square
     is taken of the difference, never expanded (x^2 / v - 2 x s / v + s^2 / v cancels badly in fp32
     when v is near its floor of e^-9)."""
     hidden, act_, w, b = _head_in_fp32(head)
