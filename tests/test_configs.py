@@ -39,6 +39,9 @@ def test_both_entry_points_build_the_evaluation_from_one_config(tmp_path):
     assert isinstance(at_end, Evaluation) and isinstance(full, Evaluation)
     assert (at_end.k, full.k) == (100, 5000) and not at_end.ten_samples and full.ten_samples
     assert (at_end.batch_size, at_end.chunk_rows, at_end.scale) == (full.batch_size, full.chunk_rows, full.scale)
+    # a training run's bound keeps its progress in its run dir (its continuation comes back there); an
+    # eval's in one dir under the log dir, since each eval has a new dir of its own
+    assert at_end.progress_dir == tmp_path and full.progress_dir == tmp_path / "eval" / "unfinished_bounds"
 
 
 @pytest.mark.parametrize(

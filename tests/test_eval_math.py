@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from vae_lightning import evaluation
-    from vae_lightning.evaluation import BOUND_PROGRESS, Evaluation
+    from vae_lightning.evaluation import Evaluation
 
     torch.manual_seed(0)
     model = VAE({"hidden": [16]}, latent_dim=3).eval()
@@ -174,22 +175,30 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         trainer.received_sigterm = stopping and len(calls) == 2  # a stop signal during the second batch
         return real(model, xb, *args)
 
-    def bound_of(model, stop: bool):
+    def bound_of(model, stop: bool, out: Path = run, progress_dir: Path | None = None):
         nonlocal stopping
         calls.clear()
         trainer.received_sigterm, stopping = False, stop
-        return Evaluation(str(run), k=1000, batch_size=3).bound(model, x, trainer)
+        kept = str(progress_dir) if progress_dir else None
+        return Evaluation(str(out), k=1000, batch_size=3, progress_dir=kept).bound(model, x, trainer)
 
     stopping = False
     monkeypatch.setattr(evaluation, "iw_log_likelihood", counted)
     with pytest.raises(SIGTERMException):
         bound_of(model, stop=True)
-    assert calls == [3, 3] and (run / BOUND_PROGRESS).is_file()
+    assert calls == [3, 3] and len(list(run.glob("bound_progress_*.pt"))) == 1
 
     continued, mu = bound_of(model, stop=False)
     assert calls == [3, 1]  # only the images the stopped pass had not done
     assert continued == whole and torch.equal(mu, whole_mu)  # the same noise, continued: the same number
-    assert not (run / BOUND_PROGRESS).exists()
+    assert not list(run.glob("bound_progress_*"))
+
+    # an eval keeps its progress outside its own new dir, so the next eval of the same weights continues it
+    shared = tmp_path / "unfinished_bounds"
+    with pytest.raises(SIGTERMException):
+        bound_of(model, stop=True, out=tmp_path / "eval_1", progress_dir=shared)
+    continued, _ = bound_of(model, stop=False, out=tmp_path / "eval_2", progress_dir=shared)
+    assert calls == [3, 1] and continued == whole and not list(shared.iterdir())
 
     with pytest.raises(SIGTERMException):
         bound_of(model, stop=True)
@@ -197,3 +206,4 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         next(model.parameters()).add_(0.01)
     bound_of(model, stop=False)
     assert calls == [3, 3, 3, 1]  # other weights' progress is not used
+    assert len(list(run.glob("bound_progress_*.pt"))) == 1  # and is kept, for the weights it belongs to

@@ -69,7 +69,11 @@ def main(cfg: DictConfig) -> float:
         metrics = run(cfg)
         return metrics.get("test/iw_nll", metrics["test/loss"])
     except SIGTERMException:
-        print("error: stopped by SIGTERM before the evaluation finished; run the same command again", file=sys.stderr)
+        print(
+            "error: stopped by SIGTERM before the evaluation finished; run the same command again "
+            "(a bound with k >= 1000 continues where it stopped)",
+            file=sys.stderr,
+        )
         raise SystemExit(128 + signal.SIGTERM) from None
     except UserError as err:
         refuse(str(err), cfg.paths.output_dir)

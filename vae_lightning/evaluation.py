@@ -34,21 +34,23 @@ from vae_lightning.plots import (
 )
 
 INTERPOLATION_PAIRS = [(0, 6), (1, 7), (2, 3), (3, 8), (4, 9), (5, 6), (7, 1), (9, 4)]
-BOUND_PROGRESS = "bound_progress.pt"  # in the output dir, while a long bound runs
 
 
 class BoundProgress:
-    """A long bound's finished batches, kept in ``BOUND_PROGRESS`` after each one: a run stopped or
+    """A long bound's finished batches, kept in ``directory`` after each one: a run stopped or
     killed in its test pass continues its bound where it was (its continuation tests the same
-    weights), with the noise generator's state, so the result is the uninterrupted one's. The file
-    names what it is the progress of (a digest of the weights, the test images and the settings);
-    anything else found there is ignored, and it is read by torch's safe loader only."""
+    weights), and so does an eval run again, with the noise generator's state, so the result is the
+    uninterrupted one's. The file is named by, and holds, a digest of what it is the progress of
+    (the weights, the test images and the settings), so bounds of other weights sharing the
+    directory keep their own; a file whose digest differs is ignored, and each is read by torch's
+    safe loader only."""
 
-    def __init__(self, path: Path, model: VAE, test_x: Tensor, settings: tuple) -> None:
-        self.path, digest = path, hashlib.sha256(repr(settings).encode())
+    def __init__(self, directory: Path, model: VAE, test_x: Tensor, settings: tuple) -> None:
+        digest = hashlib.sha256(repr(settings).encode())
         for tensor in [*model.state_dict().values(), test_x]:
             digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
         self.key = digest.hexdigest()
+        self.path = directory / f"bound_progress_{self.key[:16]}.pt"
 
     def load(self) -> dict | None:
         """The saved batches' bounds and E[z|x] (CPU tensors), their count and the generator's state."""
@@ -80,8 +82,10 @@ class Evaluation(L.Callback):
         sample_seed: int = 2024,
         scale: int = 3,
         ten_samples: bool = False,
+        progress_dir: str | None = None,
     ) -> None:
         self.out = Path(output_dir)
+        self.progress_dir = Path(progress_dir) if progress_dir else self.out
         self.k, self.batch_size, self.chunk_rows = k, batch_size, chunk_rows
         self.seed, self.sample_seed, self.scale, self.ten_samples = seed, sample_seed, scale, ten_samples
 
@@ -102,7 +106,7 @@ class Evaluation(L.Callback):
         bounds, mus, done = [], [], 0
         settings = (self.k, self.seed, self.batch_size, self.chunk_rows)
         long = self.k >= 1000  # a bound of minutes: it says how far it is, and keeps its progress
-        progress = BoundProgress(self.out / BOUND_PROGRESS, model, test_x, settings) if long else None
+        progress = BoundProgress(self.progress_dir, model, test_x, settings) if long else None
         saved = progress.load() if progress else None
         if saved:
             bounds, mus = [saved["bounds"].to(test_x.device)], [saved["mus"].to(test_x.device)]
