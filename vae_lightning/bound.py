@@ -48,6 +48,8 @@ def iw_log_likelihood(
         log_px = _log_px_gaussian_head(model, x, head)
     else:
         log_px = _log_px_linear_head(model, x, head)
+    if head is not None and x.device.type == "cpu":
+        log_px = _in_draw_slices(log_px, max(1, CPU_HEAD_ROWS // n))
     log_norm = 0.5 * d * math.log(2 * math.pi)
     log_q_const = -0.5 * logvar.sum(-1) - log_norm  # log q(z|x) = this - |eps|^2 / 2
     running = torch.full((n,), -math.inf, dtype=torch.float64, device=x.device)
@@ -65,8 +67,18 @@ def iw_log_likelihood(
 
 # On a CPU the generic path decodes this many rows at a time: the conv net's 32 x 14 x 14
 # activations of 256 rows (6 MB) stay in cache, which made 1.7x the decodes per second of a whole
-# 32,768-row chunk (benchmarks/conv_decode.py). A GPU takes the chunk at once (one launch per layer).
+# 32,768-row chunk (benchmarks/conv_decode.py). The fast paths take about this many (whole draws
+# of the batch's images): their buffers of 4,096 rows (13 MB of logits) made them 1.3x to 1.5x as
+# fast as whole chunks, where 256 rows gained less (benchmarks/bound_paths.py --rows). A GPU takes
+# each chunk at once (one launch per layer).
 CPU_DECODE_ROWS = 256
+CPU_HEAD_ROWS = 4096
+
+
+def _in_draw_slices(log_px, draws: int):
+    """``log_px`` of z (kc, n, d) taken ``draws`` draws at a time: the same z and the same sums per
+    row, in buffers a slice long."""
+    return lambda z: torch.cat([log_px(part) for part in z.split(draws)])
 
 
 def _log_px_generic(model: VAE, x: Tensor):
@@ -123,10 +135,10 @@ def _log_px_gaussian_head(model: VAE, x: Tensor, head):
     """log p(x | z) of a Gaussian decoder whose logits are linear in its last hidden layer:
     -1/2 sum_j (x_j - sigmoid(l_j))^2 / v_j + log v_j + log 2 pi. Nothing here is linear in l, so
     the gain over the generic path is its buffers: three in-place passes and one matrix-vector
-    product, where the generic path allocates a temporary per operation (1.2x on a CPU, where those
-    stay small: benchmarks/bound_paths.py). The square
-    is taken of the difference, never expanded (x^2 / v - 2 x s / v + s^2 / v cancels badly in fp32
-    when v is near its floor of e^-9)."""
+    product, where the generic path allocates a temporary per operation (1.7x as fast on a CPU,
+    both in slices that stay in cache: benchmarks/bound_paths.py). The square is taken of the
+    difference, never expanded (x^2 / v - 2 x s / v + s^2 / v cancels badly in fp32 when v is near
+    its floor of e^-9)."""
     hidden, act_, w, b = _head_in_fp32(head)
     log_var = model.likelihood.log_var.float().clamp(*Gaussian.LOG_VAR_RANGE)
     inv_var = torch.exp(-log_var)
