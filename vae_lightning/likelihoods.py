@@ -45,7 +45,10 @@ def sum_log_sigmoid_and_cb_normalizer_(magnitudes: Tensor, spare: Tensor) -> Ten
 class _PixelSummedBCE(torch.autograd.Function):
     """sum_j softplus(l_j) - x_j l_j over the last dimension, as
     sum_j relu(l_j) - x_j l_j - log sigmoid(|l_j|) (``sum_log_sigmoid_`` says why).
-    The gradient is the library's: (sigmoid(l) - x) per pixel.
+    The gradient is the library's: (sigmoid(l) - x) per pixel. On torch 2.14 the library's
+    binary_cross_entropy_with_logits is as fast in a training step (benchmarks/likelihood_cost.py);
+    this stays because every documented number was trained with it (the two agree to 2e-5, not to
+    the bit: docs/performance.md).
     """
 
     @staticmethod
