@@ -85,6 +85,31 @@ def test_a_decoder_takes_the_fast_path_only_with_all_it_needs():
     assert torch.isfinite(iw_log_likelihood(vae, (torch.rand(3, 784) < 0.3).float(), 20)).all()
 
 
+def test_the_conv_decoder_computes_its_layers_plain_form_and_gradients():
+    """ConvDecoder writes its activations channels-last through a reordered view of its linear
+    map's weights and runs its ReLUs in place: the same logits to the bit as its layers applied
+    plainly (NCHW), and the same gradients for every weight, the linear map's included, but for
+    the rounding of the convolutions' sums in the other layout (4e-6 relative)."""
+    torch.manual_seed(0)
+    decoder = VAE(NET_SETTINGS["conv"], latent_dim=4).decoder
+    z = torch.randn(6, 4)
+
+    def plain(z):
+        h = torch.relu(decoder.fc(z)).view(-1, *decoder.grid)
+        return decoder.deconv2(torch.relu(decoder.deconv1(h))).flatten(1)
+
+    target = torch.rand(6, 784)
+    results = []
+    for form in (decoder, plain):
+        logits = form(z)
+        grads = torch.autograd.grad((logits - target).square().sum(), list(decoder.parameters()))
+        results.append((logits.detach(), grads))
+    (got, got_grads), (want, want_grads) = results
+    assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_the_conv_nets_bound_against_float64(monkeypatch):
     """The generic path against the textbook formula, in float64, with the same draws of z; its
     decodes in slices of 7 rows, so that a slice starts mid-chunk and mid-image."""
