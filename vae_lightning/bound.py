@@ -66,11 +66,11 @@ def iw_log_likelihood(
 
 
 # On a CPU the generic path decodes this many rows at a time: the conv net's 32 x 14 x 14
-# activations of 256 rows (6 MB) stay in cache, which made 1.7x the decodes per second of a whole
-# 32,768-row chunk (benchmarks/conv_decode.py). The fast paths take about this many (whole draws
-# of the batch's images): their buffers of 4,096 rows (13 MB of logits) made them 1.3x to 1.5x as
-# fast as whole chunks, where 256 rows gained less (benchmarks/bound_paths.py --rows). A GPU takes
-# each chunk at once (one launch per layer).
+# activations of 256 rows (6 MB) stay in cache, which made 1.4x the decodes per second of whole
+# 32,768-row chunks (benchmarks/conv_decode.py). The fast paths take about CPU_HEAD_ROWS (whole
+# draws of the batch's images): buffers of 4,096 rows (13 MB of logits) made them 1.3x to 1.5x as
+# fast as whole chunks, where 256 rows gained less (benchmarks/bound_paths.py --head-rows). A GPU
+# takes each chunk at once (one launch per layer).
 CPU_DECODE_ROWS = 256
 CPU_HEAD_ROWS = 4096
 

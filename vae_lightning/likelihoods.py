@@ -31,8 +31,8 @@ def sum_log_sigmoid_(magnitudes: Tensor) -> Tensor:
 
 def sum_log_sigmoid_and_cb_normalizer_(magnitudes: Tensor, spare: Tensor) -> Tensor:
     """sum over the last dimension of log sigmoid(|l|) + log C(l), the per-logit part of a continuous
-    Bernoulli's -log p(x | z) with its sign turned (its Bernoulli part's and its normaliser's), given
-    |l| (overwritten in place) and a spare buffer of the same shape. C(l) = |l| / tanh(|l| / 2) is
+    Bernoulli's log p(x | z) (its Bernoulli part's and its normaliser's), given |l| (overwritten in
+    place) and a spare buffer of the same shape. C(l) = |l| / tanh(|l| / 2) is
     even in l and >= 2, so sigmoid(|l|) C(l) >= 1 and a product of 4 overflows only past |l| ~ 1e9;
     C takes |l| raised to 1e-6, where it is 2 to within 2e-13, instead of the 0 / 0 at l = 0. One
     log per 4 logits, as ``sum_log_sigmoid_``."""
