@@ -2,6 +2,7 @@
 
 import copy
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +200,14 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         bound_of(model, stop=True, out=tmp_path / "eval_1", progress_dir=shared)
     continued, _ = bound_of(model, stop=False, out=tmp_path / "eval_2", progress_dir=shared)
     assert calls == [3, 1] and continued == whole and not list(shared.iterdir())
+
+    # a progress file that is damaged, or holds what the safe loader refuses, is not used
+    for junk in (b"not a checkpoint", pickle.dumps(SimpleNamespace(key="x"), protocol=2)):
+        with pytest.raises(SIGTERMException):
+            bound_of(model, stop=True)
+        (saved,) = run.glob("bound_progress_*.pt")
+        saved.write_bytes(junk)
+        assert bound_of(model, stop=False)[0] == whole and calls == [3, 3, 3, 1]
 
     with pytest.raises(SIGTERMException):
         bound_of(model, stop=True)

@@ -18,6 +18,8 @@ from torchvision.utils import save_image
 
 from vae_lightning.bound import active_units, iw_log_likelihood
 from vae_lightning.callbacks import stop_requested
+from vae_lightning.checkpoints import load_checkpoint
+from vae_lightning.errors import UserError
 from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
@@ -54,9 +56,11 @@ class BoundProgress:
 
     def load(self) -> dict | None:
         """The saved batches' bounds and E[z|x] (CPU tensors), their count and the generator's state."""
-        try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # no file, or one the safe loader refuses or cannot read: start over
+        if not self.path.is_file():
+            return None
+        try:  # the checkpoints' reader: their zip checks first, then torch's safe unpickler
+            saved = load_checkpoint(self.path)
+        except UserError:  # one it refuses or cannot read: start over
             return None
         return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
 
