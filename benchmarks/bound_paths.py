@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from epoch_speed import machine
+from epoch_speed import interleaved, machine
 
 import vae_lightning.bound as bound_module
 from vae_lightning.bound import iw_log_likelihood
@@ -53,13 +52,7 @@ def main() -> None:
         finally:
             model.__dict__.pop("linear_head", None)
 
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    results = {name: bound(*candidate) for name, candidate in candidates.items()}  # warm-up
-    for _ in range(args.rounds):
-        for name, candidate in candidates.items():
-            t0 = time.perf_counter()
-            bound(*candidate)
-            times[name].append(time.perf_counter() - t0)
+    results, times = interleaved(candidates, bound, args.rounds)
     print(json.dumps(machine(torch.device("cpu"))))
     for name, ts in times.items():
         median = statistics.median(ts)

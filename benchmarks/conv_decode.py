@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from epoch_speed import machine
+from epoch_speed import interleaved, machine
 
 import vae_lightning.bound as bound_module
 from vae_lightning.bound import iw_log_likelihood
@@ -62,13 +61,7 @@ def main() -> None:
         finally:
             ConvDecoder.forward, bound_module.CPU_DECODE_ROWS = project_forward, sliced
 
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    results = {name: bound(*candidate) for name, candidate in candidates.items()}  # warm-up
-    for _ in range(args.rounds):
-        for name, candidate in candidates.items():
-            t0 = time.perf_counter()
-            bound(*candidate)
-            times[name].append(time.perf_counter() - t0)
+    results, times = interleaved(candidates, bound, args.rounds)
     rate = {name: len(x) * args.k / statistics.median(ts) for name, ts in times.items()}
     first = next(iter(candidates))
     print(json.dumps(machine(torch.device("cpu"))))

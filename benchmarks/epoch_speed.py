@@ -73,6 +73,19 @@ def machine(device: torch.device) -> dict[str, object]:
     }
 
 
+def interleaved(candidates: dict, run, rounds: int) -> tuple[dict, dict[str, list[float]]]:
+    """``run(*candidate)`` for every candidate, once to warm up (its result kept), then ``rounds``
+    rounds of all of them in turn, so that all see the same machine load: (results, seconds)."""
+    results = {name: run(*candidate) for name, candidate in candidates.items()}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, candidate in candidates.items():
+            start = time.perf_counter()
+            run(*candidate)
+            times[name].append(time.perf_counter() - start)
+    return results, times
+
+
 def reference_loop_epochs(data_dir: Path, epochs: int, device: torch.device) -> list[float]:
     """The reference notebook's cells, unchanged but for timing (its VAE is ours: same layers and init)."""
     transform = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x.view(-1))])
