@@ -46,7 +46,7 @@ def test_continuous_bernoulli_and_gaussian_match_torch_distributions():
 
 
 def test_the_continuous_bernoulli_gradient_is_its_derivative_and_accurate_in_fp32():
-    """Its gradient is written by hand (likelihoods._PixelSummedCBNLL): gradcheck against finite
+    """Its gradient is written by hand (likelihoods._PixelSummedNLL): gradcheck against finite
     differences in fp64, across the series' seam and from l ~ 1e-7 to 100; in fp32 within 1e-6 of
     fp64, where autograd through l / tanh(l / 2) was off by up to 1e-4 near l = 0."""
     gen = torch.Generator().manual_seed(0)

@@ -42,59 +42,57 @@ def sum_log_sigmoid_and_cb_normalizer_(magnitudes: Tensor, spare: Tensor) -> Ten
     return product.unflatten(-1, (-1, group)).prod(-1).log_().sum(-1)
 
 
-class _PixelSummedBCE(torch.autograd.Function):
-    """sum_j softplus(l_j) - x_j l_j over the last dimension, as
-    sum_j relu(l_j) - x_j l_j - log sigmoid(|l_j|) (``sum_log_sigmoid_`` says why).
-    The gradient is the library's: (sigmoid(l) - x) per pixel. On torch 2.14 the library's
+class _PixelSummedNLL(torch.autograd.Function):
+    """-log p(x | z) summed over the last dimension, with its gradient written out, for a Bernoulli
+    (the BCE) or, with ``continuous``, a continuous Bernoulli:
+    sum_j softplus(l_j) - x_j l_j [- log C(l_j)], as sum_j relu(l_j) - x_j l_j minus the per-logit
+    part the bound uses too (``sum_log_sigmoid_`` says why; ``sum_log_sigmoid_and_cb_normalizer_``).
+    C(l) = l / tanh(l / 2) is the continuous Bernoulli's normaliser (Loaiza-Ganem & Cunningham 2019,
+    eq. 7, in terms of the logit: 2 atanh(1 - 2 lambda) / (1 - 2 lambda), lambda = sigmoid(l)).
+    The gradient is sigmoid(l) - x [- (log C)'(l)] per pixel.
+
+    The BCE's gradient is the library's. On torch 2.14 the library's
     binary_cross_entropy_with_logits is as fast in a training step (benchmarks/likelihood_cost.py);
-    this stays because every documented number was trained with it (the two agree to 2e-5, not to
-    the bit: docs/performance.md).
-    """
+    this form stays because every documented number was trained with it (the two agree to 2e-5, not
+    to the bit: docs/performance.md). The continuous Bernoulli's is written out because autograd
+    through l / tanh(l / 2) loses it near l = 0 (off by up to 1e-4 in fp32, against 3e-7 here:
+    tests/test_likelihoods_priors.py), and takes 1.4x the time (benchmarks/likelihood_cost.py).
+    torch.distributions.ContinuousBernoulli is no answer: it clamps lambda to [eps, 1 - eps], so in
+    fp32 its -log p is off by 0.06 nats a pixel at |l| = 17 and 0.6 at |l| = 30, and trained models
+    put most logits there (on 1,000 test images, |l| > 17 for 87% on MNIST and 49% on
+    Fashion-MNIST, the rows' seed-0 weights); it also takes 3.6x the time."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
+    def forward(ctx, logits: Tensor, x: Tensor, continuous: bool) -> Tensor:
         ctx.save_for_backward(logits, x)
+        ctx.continuous = continuous
         magnitude = logits.abs()
         linear = 0.5 * (logits.sum(-1) + magnitude.sum(-1)) - (x * logits).sum(-1)  # relu(l) = (l + |l|) / 2
+        if continuous:
+            return linear - sum_log_sigmoid_and_cb_normalizer_(magnitude, torch.empty_like(magnitude))
         return linear - sum_log_sigmoid_(magnitude)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         logits, x = ctx.saved_tensors
-        return (torch.sigmoid(logits) - x) * grad.unsqueeze(-1), None
+        per_logit = torch.sigmoid(logits) - x
+        if ctx.continuous:
+            per_logit = per_logit - _log_cb_normalizer_derivative(logits)
+        return per_logit * grad.unsqueeze(-1), None, None
+
+
+def pixel_summed_nll(logits: Tensor, x: Tensor, continuous: bool = False) -> Tensor:
+    """``_PixelSummedNLL`` per image, at least in fp32; ``x`` broadcasts against ``logits`` (k
+    draws of z per image)."""
+    logits = at_least_fp32(logits)
+    return _PixelSummedNLL.apply(logits, x.to(logits.dtype).expand_as(logits), continuous)
 
 
 def bce_from_logits(logits: Tensor, x: Tensor) -> Tensor:
     """Per-image BCE of sigmoid(logits) against x, summed over pixels: -log p(x | z) of a Bernoulli
     decoder; at least fp32 and stable for any logit. ``.sum()`` of it is the reference notebook's
     ``binary_cross_entropy(..., "sum")``. ``x`` broadcasts against ``logits`` (k draws of z per image)."""
-    logits = at_least_fp32(logits)
-    return _PixelSummedBCE.apply(logits, x.to(logits.dtype).expand_as(logits))
-
-
-class _PixelSummedCBNLL(torch.autograd.Function):
-    """sum_j softplus(l_j) - x_j l_j - log C(l_j) over the last dimension: the continuous Bernoulli's
-    -log p(x | z), with C(l) = l / tanh(l / 2) (Loaiza-Ganem & Cunningham 2019, eq. 7, in terms of
-    the logit: 2 atanh(1 - 2 lambda) / (1 - 2 lambda) with lambda = sigmoid(l)). The forward is the
-    bound's ``sum_log_sigmoid_and_cb_normalizer_``; the gradient, sigmoid(l) - x - (log C)'(l), is
-    written out because autograd through l / tanh(l / 2) loses it near l = 0 (off by up to 1e-4 in
-    fp32, against 3e-7 here: tests/test_likelihoods_priors.py), and takes 1.4x the time
-    (benchmarks/likelihood_cost.py). torch.distributions.ContinuousBernoulli is no answer: it clamps
-    lambda to [eps, 1 - eps], so in fp32 its -log p is off by 0.06 nats a pixel at |l| = 17 and 0.6
-    at |l| = 30, and trained models put most logits there (on 1,000 test images, |l| > 17 for 87% on
-    MNIST and 49% on Fashion-MNIST, the rows' seed-0 weights); it also takes 3.6x the time."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, x: Tensor) -> Tensor:
-        ctx.save_for_backward(logits, x)
-        magnitude = logits.abs()
-        linear = 0.5 * (logits.sum(-1) + magnitude.sum(-1)) - (x * logits).sum(-1)  # relu(l) = (l + |l|) / 2
-        return linear - sum_log_sigmoid_and_cb_normalizer_(magnitude, torch.empty_like(magnitude))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        logits, x = ctx.saved_tensors
-        return (torch.sigmoid(logits) - x - _log_cb_normalizer_derivative(logits)) * grad.unsqueeze(-1), None
+    return pixel_summed_nll(logits, x)
 
 
 def _log_cb_normalizer_derivative(logits: Tensor) -> Tensor:
@@ -139,8 +137,7 @@ class ContinuousBernoulli(nn.Module):
     name = "continuous_bernoulli"
 
     def nll(self, logits: Tensor, x: Tensor) -> Tensor:
-        logits = at_least_fp32(logits)
-        return _PixelSummedCBNLL.apply(logits, x.to(logits.dtype).expand_as(logits))
+        return pixel_summed_nll(logits, x, continuous=True)
 
     def mean(self, logits: Tensor) -> Tensor:
         """E[x] = lambda / (2 lambda - 1) + 1 / (2 atanh(1 - 2 lambda)) = sigmoid(l) / tanh(l / 2) - 1 / l;
