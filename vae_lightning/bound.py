@@ -106,8 +106,8 @@ def _log_px_linear_head(model: VAE, x: Tensor, head):
     so everything linear in l is a product with h, never a k x pixels pass:
     sum_j (x_j - 1/2) l_j = h . W^T (x - 1/2) + b . (x - 1/2). What is left per logit is |l| and
     ``sum_log_sigmoid_``, in place. A continuous Bernoulli adds log C(l) per logit, a function of |l|
-    too (``sum_log_sigmoid_and_cb_normalizer_``). The buffers are reused across chunks because fresh
-    100 MB tensors cost page faults every time."""
+    too (``sum_log_sigmoid_and_cb_normalizer_``). The buffers are reused across chunks (and, on a
+    CPU, slices) because fresh tensors of a chunk's size (100 MB) cost page faults every time."""
     hidden, act_, w, b = _head_in_fp32(head)
     n = len(x)
     h_coef = x @ w - 0.5 * w.sum(0)  # (n, hidden)
