@@ -135,13 +135,30 @@ class ConvDecoder(nn.Module):
         weight = self.fc.weight.view(channels, side, side, -1).permute(1, 2, 0, 3).reshape(-1, self.fc.in_features)
         bias = self.fc.bias.view(channels, side, side).permute(1, 2, 0).reshape(-1)
         h = nn.functional.linear(z, weight, bias).relu_().view(-1, side, side, channels).permute(0, 3, 1, 2)
-        return self.deconv2(self.deconv1(h).relu_()).flatten(1)
+        h = self.deconv1(h).relu_()
+        if h.device.type == "cpu":  # measured on CPUs only; a GPU keeps its library's convolution
+            return conv_transpose_by_fold(h, self.deconv2).flatten(1)
+        return self.deconv2(h).flatten(1)
 
     def page_ops(self) -> list[dict[str, Any]]:
         return [
             _linear_op(self.fc), {"op": "relu"}, {"op": "reshape", "shape": list(self.grid)},
             _deconv_op(self.deconv1), {"op": "relu"}, _deconv_op(self.deconv2),
         ]  # fmt: skip
+
+
+def conv_transpose_by_fold(h: Tensor, layer: nn.ConvTranspose2d) -> Tensor:
+    """``layer(h)`` as one matrix product (each input pixel's kernel-sized patch of outputs) and
+    ``fold``, which sums the overlapping patches: the same values to fp32 rounding. On a CPU, torch
+    runs a transposed convolution with one output channel (the last layer's) through oneDNN at a
+    fifth of this speed, forward and backward (benchmarks/conv_decode.py). Groups, dilation and
+    output padding are the defaults'."""
+    n, c_in, height, width = h.shape
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    patches = h.permute(0, 2, 3, 1).reshape(n, height * width, c_in) @ layer.weight.flatten(1)
+    size = ((height - 1) * sh - 2 * ph + kh, (width - 1) * sw - 2 * pw + kw)
+    out = nn.functional.fold(patches.transpose(1, 2), size, (kh, kw), stride=(sh, sw), padding=(ph, pw))
+    return out if layer.bias is None else out + layer.bias.view(1, -1, 1, 1)
 
 
 def _linear_op(layer: nn.Linear) -> dict[str, Any]:
