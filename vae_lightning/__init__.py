@@ -10,7 +10,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import vae_lightning.launch  # noqa: F401  (registers the ${tensorboard:...} config resolver)
 from vae_lightning.workarounds import (
     config_errors_in_one_line,
-    keep_freed_memory_for_reuse,
     silence_lightning_tips,
     silence_unactionable_warnings,
 )
@@ -18,4 +17,3 @@ from vae_lightning.workarounds import (
 silence_unactionable_warnings()
 silence_lightning_tips()
 config_errors_in_one_line()
-keep_freed_memory_for_reuse()

@@ -4,7 +4,6 @@ rest of the project calls these and never reaches into Lightning, Hydra or torch
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import logging
 import os
@@ -33,25 +32,6 @@ def silence_unactionable_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
     # a continued run writes into its own checkpoints/ by design (resume.py)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-
-
-def keep_freed_memory_for_reuse() -> None:
-    """glibc's malloc keeps freed blocks of up to 32 MB in the heap and stops giving the heap's top
-    back to the system, so a step's activations reuse the last step's pages. torch's CPU tensors
-    come straight from malloc, with no caching allocator (pytorch/pytorch#42006 made one for mobile
-    only; #55675, jemalloc, was closed): by default each large activation is a fresh mmap whose
-    pages fault in again, which cost the conv net's bound 1.4x in page faults once its last layer
-    got cheap (docs/performance.md). The same numbers, held memory up to the peak. A user's own
-    MALLOC_* settings win; other C libraries are left alone."""
-    if any(key.startswith("MALLOC_") for key in os.environ):
-        return
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest
-    mallopt(m_trim_threshold, 1 << 30)
 
 
 class _DropLitLoggerTip(logging.Filter):
