@@ -89,9 +89,10 @@ def test_a_decoder_takes_the_fast_path_only_with_all_it_needs():
 
 def test_the_conv_decoder_computes_its_layers_plain_form_and_gradients():
     """ConvDecoder writes its activations channels-last through a reordered view of its linear
-    map's weights, runs its ReLUs in place and (on a CPU) its last layer as a product and a fold:
-    the same logits and gradients for every weight, the linear map's included, as its layers
-    applied plainly (NCHW), but for the rounding of the convolutions' sums in another order."""
+    map's weights and runs its ReLUs in place: the same logits to the bit as its layers applied
+    plainly (NCHW), and the same gradients for every weight, the linear map's included, but for
+    the rounding of the convolutions' sums in the other layout (4e-6 relative). Without gradients
+    its last layer is a product and a fold: the same logits to fp32 rounding."""
     torch.manual_seed(0)
     decoder = VAE(NET_SETTINGS["conv"], latent_dim=4).decoder
     z = torch.randn(6, 4)
@@ -107,9 +108,13 @@ def test_the_conv_decoder_computes_its_layers_plain_form_and_gradients():
         grads = torch.autograd.grad((logits - target).square().sum(), list(decoder.parameters()))
         results.append((logits.detach(), grads))
     (got, got_grads), (want, want_grads) = results
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        folded = decoder(z)
+    assert not torch.equal(folded, want)  # the other path ran
+    torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, bias", [(4, 2, 1, True), (3, 1, 0, False), (5, 3, 2, True)])

@@ -127,16 +127,19 @@ class ConvDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         # Channels-last activations, written so by the linear map itself (its rows taken in
-        # (row, column, channel) order, no copy), ReLUs in place, and on a CPU the last layer by
-        # conv_transpose_by_fold: the plain NCHW form's logits to fp32 rounding. On a CPU, where
-        # the k = 5000 bound is almost all decodes, this made 1.7x the plain form's decodes a
-        # second, and 1.55x those of the same with torch's last layer (benchmarks/conv_decode.py).
+        # (row, column, channel) order, no copy), and ReLUs in place: the plain NCHW form's logits
+        # to the bit. Without gradients on a CPU (the bound, the test pass, figures), the last
+        # layer by conv_transpose_by_fold: its logits to fp32 rounding. In the k = 5000 bound,
+        # almost all decodes, that made 2.1x the plain form's decodes a second, 1.5x those with
+        # torch's last layer (benchmarks/conv_decode.py); training, where it made epochs slower
+        # (14.3 against 13.0 s), keeps torch's layer and its numbers.
         channels, side, _ = self.grid
         weight = self.fc.weight.view(channels, side, side, -1).permute(1, 2, 0, 3).reshape(-1, self.fc.in_features)
         bias = self.fc.bias.view(channels, side, side).permute(1, 2, 0).reshape(-1)
         h = nn.functional.linear(z, weight, bias).relu_().view(-1, side, side, channels).permute(0, 3, 1, 2)
         h = self.deconv1(h).relu_()
-        if h.device.type == "cpu":  # measured on CPUs only; a GPU keeps its library's convolution
+        # a GPU keeps cuDNN's; a trace (export) records torch's layer, whatever the grad mode
+        if h.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing():
             return conv_transpose_by_fold(h, self.deconv2).flatten(1)
         return self.deconv2(h).flatten(1)
 
@@ -151,8 +154,8 @@ def conv_transpose_by_fold(h: Tensor, layer: nn.ConvTranspose2d) -> Tensor:
     """``layer(h)`` as one matrix product (each input pixel's kernel-sized patch of outputs) and
     ``fold``, which sums the overlapping patches: the same values to fp32 rounding. On a CPU, torch
     runs a transposed convolution with one output channel (the last layer's) through oneDNN at
-    about a fifth of this speed forward, and 40 % forward and backward (256 and 128 rows, one
-    thread, AMD EPYC). Groups, dilation and output padding are the defaults'."""
+    about a fifth of this speed (256 rows, one thread, AMD EPYC). Groups, dilation and output
+    padding are the defaults'."""
     n, c_in, height, width = h.shape
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     patches = h.permute(0, 2, 3, 1).reshape(n, height * width, c_in) @ layer.weight.flatten(1)
