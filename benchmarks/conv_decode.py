@@ -9,9 +9,6 @@ medians, their ratios, and the largest difference of the bounds. Timed inside th
 than on bare decodes because what the decoder allocates costs differently there (the bound holds
 its chunk's draws).
 
-The package keeps freed memory for reuse (``workarounds.keep_freed_memory_for_reuse``); any
-MALLOC_* variable turns that off, so ``MALLOC_TOP_PAD_=131072`` (glibc's default) measures without.
-
 Usage: ``python benchmarks/conv_decode.py [--rounds 5] [--k 300]``"""
 
 from __future__ import annotations
@@ -22,9 +19,9 @@ import statistics
 
 import torch
 from epoch_speed import interleaved, machine
-from torch import nn
 
 import vae_lightning.bound as bound_module
+import vae_lightning.nets as nets
 from vae_lightning.bound import iw_log_likelihood
 from vae_lightning.model import VAE
 from vae_lightning.nets import ConvDecoder
@@ -36,14 +33,16 @@ def default_layout(decoder: ConvDecoder, z: torch.Tensor) -> torch.Tensor:
     return decoder.deconv2(torch.relu(decoder.deconv1(h))).flatten(1)
 
 
+PROJECT_FORWARD = ConvDecoder.forward
+
+
 def all_layers_torchs(decoder: ConvDecoder, z: torch.Tensor) -> torch.Tensor:
-    """ConvDecoder.forward before: channels-last through the linear map, ReLUs in place, the last
-    layer torch's own transposed convolution."""
-    channels, side, _ = decoder.grid
-    weight = decoder.fc.weight.view(channels, side, side, -1).permute(1, 2, 0, 3).reshape(-1, decoder.fc.in_features)
-    bias = decoder.fc.bias.view(channels, side, side).permute(1, 2, 0).reshape(-1)
-    h = nn.functional.linear(z, weight, bias).relu_().view(-1, side, side, channels).permute(0, 3, 1, 2)
-    return decoder.deconv2(decoder.deconv1(h).relu_()).flatten(1)
+    """ConvDecoder.forward before: the same, with torch's own transposed convolution as the last layer."""
+    fold, nets.conv_transpose_by_fold = nets.conv_transpose_by_fold, lambda h, layer: layer(h)
+    try:
+        return PROJECT_FORWARD(decoder, z)
+    finally:
+        nets.conv_transpose_by_fold = fold
 
 
 @torch.no_grad()
@@ -59,8 +58,8 @@ def main() -> None:
     candidates = {
         f"default layout, {sliced} rows at a time": (default_layout, sliced),
         f"channels-last, every layer torch's, {sliced} rows at a time": (all_layers_torchs, sliced),
-        f"ConvDecoder, {sliced} rows at a time": (ConvDecoder.forward, sliced),
-        "ConvDecoder, whole chunks": (ConvDecoder.forward, 1 << 30),
+        f"ConvDecoder, {sliced} rows at a time": (PROJECT_FORWARD, sliced),
+        "ConvDecoder, whole chunks": (PROJECT_FORWARD, 1 << 30),
     }
 
     def bound(form, rows: int) -> torch.Tensor:
