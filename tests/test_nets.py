@@ -117,6 +117,18 @@ def test_the_conv_decoder_computes_its_layers_plain_form_and_gradients():
     torch.testing.assert_close(folded, want, rtol=1e-5, atol=1e-6)
 
 
+def test_an_export_records_the_conv_decoders_own_layers_whatever_the_grad_mode(tmp_path):
+    """The fold is a CPU speed-up for this process: an exported graph, traced or compiled, keeps
+    torch's transposed convolution, even when the export runs without gradients."""
+    import onnx
+
+    vae = VAE(NET_SETTINGS["conv"], latent_dim=4)
+    with torch.no_grad():
+        export(vae, tmp_path, "onnx")
+    ops = {node.op_type for node in onnx.load(tmp_path / "decoder.onnx").graph.node}
+    assert "ConvTranspose" in ops and "Col2Im" not in ops, ops
+
+
 @pytest.mark.parametrize("kernel, stride, padding, bias", [(4, 2, 1, True), (3, 1, 0, False), (5, 3, 2, True)])
 def test_a_transposed_convolution_by_fold_is_the_layer(kernel, stride, padding, bias):
     """``conv_transpose_by_fold`` against torch's own layer, in float64, values and gradients, on a

@@ -138,8 +138,11 @@ class ConvDecoder(nn.Module):
         bias = self.fc.bias.view(channels, side, side).permute(1, 2, 0).reshape(-1)
         h = nn.functional.linear(z, weight, bias).relu_().view(-1, side, side, channels).permute(0, 3, 1, 2)
         h = self.deconv1(h).relu_()
-        # a GPU keeps cuDNN's; a trace (export) records torch's layer, whatever the grad mode
-        if h.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        # A GPU keeps cuDNN's. A graph being recorded (a TorchScript trace; torch.export, under the
+        # ONNX export, counts as compiling) takes torch's layer whatever the grad mode: it is the
+        # layer a graph's runtime knows, and the fold a speed-up for this process's CPU only.
+        recording = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if h.device.type == "cpu" and not torch.is_grad_enabled() and not recording:
             return conv_transpose_by_fold(h, self.deconv2).flatten(1)
         return self.deconv2(h).flatten(1)
 
