@@ -11,7 +11,7 @@ from helpers import brief_run, run_cli
 
 from vae_lightning.building import module_from_checkpoint
 from vae_lightning.data import MNISTDataModule
-from vae_lightning.explorer import MAX_SLIDERS, explorer_data
+from vae_lightning.explorer import MAX_SLIDERS, explorer_data, report_html
 from vae_lightning.model import VAE
 
 
@@ -115,6 +115,19 @@ def test_large_latent_spaces_get_sliders_along_principal_directions():
     large = explorer_data(VAE({"hidden": [16]}, latent_dim=40), torch.rand(300, 784), labels, names)
     assert len(large["basis"]) == MAX_SLIDERS and large["basis_names"][0] == "PC 1"
     assert len(large["test_labels"]) == 100  # 10 of each class
+
+
+def test_a_multirun_jobs_page_is_titled_by_its_sweep_and_shows_its_overrides(tmp_path):
+    vae, x, labels = VAE({"hidden": [16]}, latent_dim=2), torch.rand(100, 784), torch.arange(100) % 10
+    job = tmp_path / "2026-12-01_12-48-20" / "1"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- model=conv\n- seed=1\n")
+    page = report_html(job, vae, x, labels, [str(d) for d in range(10)])
+    assert "<h1>vae_lightning report: 2026-12-01_12-48-20 job 1</h1>" in page
+    assert f'<p class="caption">model=conv seed=1 · {job} · checkpoint' in page
+    (job / ".hydra" / "overrides.yaml").write_text("{not: [yaml")  # a broken file costs the line only
+    page = report_html(job, vae, x, labels, [str(d) for d in range(10)])
+    assert f'<p class="caption">{job} · checkpoint' in page
 
 
 @pytest.mark.slow

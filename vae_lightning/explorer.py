@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from vae_lightning.model import VAE
@@ -80,6 +81,18 @@ def _shown(key: str, value: float, metrics: dict[str, Any]) -> str:
     return f"{value:.3f}"
 
 
+def _title_and_overrides(run_dir: Path) -> tuple[str, str]:
+    """The run's name (a multirun's job dir is its number alone: its sweep's name goes with it) and
+    the command-line overrides it ran with, as Hydra kept them; none when the file is unreadable."""
+    title = f"{run_dir.parent.name} job {run_dir.name}" if run_dir.name.isdigit() else run_dir.name
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
+    except Exception:  # missing, not YAML, not a list: the page is still the run's page
+        overrides = None
+    shown = " ".join(str(o) for o in overrides) if isinstance(overrides, list) else ""
+    return title, shown
+
+
 def report_html(
     run_dir: Path, model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[str], data_dir: str | None = None
 ) -> str:
@@ -99,12 +112,14 @@ def report_html(
     ]
     config = run_dir / ".hydra" / "config.yaml"
     data = json.dumps(explorer_data(model, test_x, test_y, class_names)).replace("</", "<\\/")
-    subtitle = f"{run_dir} · checkpoint {metrics.get('checkpoint', '?')} · {metrics.get('epochs', '?')} epochs"
+    title, overrides = _title_and_overrides(run_dir)
+    subtitle = f"{overrides} · " if overrides else ""
+    subtitle += f"{run_dir} · checkpoint {metrics.get('checkpoint', '?')} · {metrics.get('epochs', '?')} epochs"
     if data_dir:  # the settings may say data_dir: null (found by VAE_DATA_DIR or the default)
         subtitle += f" · data from {data_dir}"
     page = resources.files("vae_lightning").joinpath("explorer.html").read_text()
     parts = {
-        "__TITLE__": html.escape(run_dir.name),
+        "__TITLE__": html.escape(title),
         "__SUBTITLE__": html.escape(subtitle),
         "__METRICS__": "<table>" + "".join(rows) + "</table>" if rows else "<p>no metrics.json</p>",
         "__FIGURES__": "".join(figures) or "<p>no figures</p>",
