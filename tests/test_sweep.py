@@ -116,6 +116,21 @@ def test_the_summary_lists_jobs_without_a_readable_metrics_json_as_failed(tmp_pa
     assert "Overrides shared by every job: `seed=1`" in (tmp_path / "summary.md").read_text()
 
 
+def test_a_job_with_a_broken_overrides_file_keeps_its_row_and_the_others_their_shared_header(tmp_path):
+    files = {"0": "- model.latent_dim=2\n- seed=1\n", "1": "- model.latent_dim=3\n- seed=1\n", "2": "{not: [yaml"}
+    for job, text in files.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(text)
+        (tmp_path / job / "metrics.json").write_text('{"epochs": 2, "val/loss": 101.0, "wall_seconds": 9.5}')
+    rows = summarise(tmp_path)
+    assert [(r["job"], r["overrides"], r["status"]) for r in rows] == [
+        ("0", "model.latent_dim=2", "completed"),
+        ("1", "model.latent_dim=3", "completed"),
+        ("2", "", "completed"),
+    ]
+    assert "Overrides shared by every job: `seed=1`" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.parametrize("value", ["/tmp/it's logs", "/tmp/a\\'b", "/tmp/ends\\", "a,b=c d", "/tmp/'quoted'"])
 def test_a_path_is_quoted_as_hydra_reads_it_back(value):
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from vae_lightning.model import VAE
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS
-from vae_lightning.outputs import replaced_atomically
+from vae_lightning.outputs import read_overrides, replaced_atomically
 from vae_lightning.pca import principal_directions
 
 FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold",
@@ -85,12 +84,7 @@ def _title_and_overrides(run_dir: Path) -> tuple[str, str]:
     """The run's name (a multirun's job dir is its number alone: its sweep's name goes with it) and
     the command-line overrides it ran with, as Hydra kept them; none when the file is unreadable."""
     title = f"{run_dir.parent.name} job {run_dir.name}" if run_dir.name.isdigit() else run_dir.name
-    try:
-        overrides = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "overrides.yaml"))
-    except Exception:  # missing, not YAML, not a list: the page is still the run's page
-        overrides = None
-    shown = " ".join(str(o) for o in overrides) if isinstance(overrides, list) else ""
-    return title, shown
+    return title, " ".join(read_overrides(run_dir) or [])
 
 
 def report_html(

@@ -1,5 +1,5 @@
 """Writing a run's files: check that it can before anything starts, write files whole, and turn a
-full or read-only disk into one line."""
+full or read-only disk into one line; reading them back, tolerant of what a kill left."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from vae_lightning.errors import UserError
 
@@ -61,6 +63,16 @@ def read_json(path: str | Path) -> dict | None:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_overrides(run_dir: str | Path) -> list[str] | None:
+    """The command-line overrides a run was given, as Hydra kept them in ``.hydra/overrides.yaml``;
+    None where that file is missing or is not a list (a hand-edited or half-written file)."""
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / ".hydra" / "overrides.yaml"))
+    except Exception:  # missing, unreadable, not YAML: OmegaConf raises several kinds
+        return None
+    return [str(o) for o in overrides] if isinstance(overrides, list) else None
 
 
 def check_writable(directory: str | Path) -> None:

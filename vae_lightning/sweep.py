@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning.errors import UserError
 from vae_lightning.mlflow_store import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
-from vae_lightning.outputs import read_json
+from vae_lightning.outputs import read_json, read_overrides
 from vae_lightning.results import run_finished
 from vae_lightning.workarounds import read_submitit_jobs_without_a_result, set_for_every_job
 
@@ -32,9 +32,11 @@ def summarise(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Read every job's overrides and ``metrics.json``; write and return the summary rows."""
     sweep_dir = Path(sweep_dir)
     jobs = job_dirs(sweep_dir)
-    overrides = {job: list(OmegaConf.load(job / ".hydra" / "overrides.yaml")) for job in jobs}
+    # a job whose file is broken keeps its row (by its status), without overrides
+    overrides = {job: read_overrides(job) or [] for job in jobs}
     # what every job shares goes in the header; each row shows what this job varies
-    common = set.intersection(*(set(o) for o in overrides.values())) if len(jobs) > 1 else set()
+    readable = [set(o) for o in overrides.values() if o]
+    common = set.intersection(*readable) if len(readable) > 1 else set()
     rows, finished = [], []
     for job in jobs:
         metrics = read_json(job / "metrics.json")
