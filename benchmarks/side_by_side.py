@@ -1,12 +1,13 @@
 """Two training runs side by side against the same two one after the other, on this machine.
 
-    python benchmarks/side_by_side.py [--epochs 3] [--rounds 2] [-- extra overrides]
+    python benchmarks/side_by_side.py [--epochs 3] [--rounds 2] [--variants default threads=1] [-- extra overrides]
 
 Each run is ``python -m vae_lightning.train trainer.max_epochs=<epochs> test=false eval.k=0`` into a
 temporary dir. Per round: the pair one after the other (wall time of both), then the pair started
 together (wall time until both end), with the project's defaults, with OpenMP's own wait policy
 (its threads spin a while before they sleep: how torch runs when nothing sets it), and with
-``threads=1``. Prints every round and the medians, with the machine's CPU and core count.
+``threads=1`` (``--variants`` picks some: OpenMP's own policy side by side is slow for a big net).
+Prints every round and the medians, with the machine's CPU and core count.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["default", "openmp", "threads=1"])
     parser.add_argument("extra", nargs="*")
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -55,9 +57,13 @@ def main() -> None:
     unset = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     variants = {
         "default": ([], unset),
-        "OpenMP's own wait policy": ([], {**unset, "OMP_WAIT_POLICY": ""}),
+        "openmp": ([], {**unset, "OMP_WAIT_POLICY": ""}),  # OpenMP's own wait policy
         "threads=1": (["threads=1"], unset),
     }
+    unknown = set(args.variants) - set(variants)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+    variants = {name: variants[name] for name in args.variants}
     times: dict[tuple[str, bool], list[float]] = {}
     for r in range(args.rounds):
         for name, (overrides, env) in variants.items():
