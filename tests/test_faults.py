@@ -201,6 +201,9 @@ def test_a_run_killed_in_its_test_pass_is_completed_by_its_continuation(tmp_path
         assert metrics[key] == pytest.approx(trained[key]), key
     assert {"test/loss", "test/rec", "test/kl", "wall_seconds"} <= set(metrics) and metrics["epochs"] == 2
     assert (run_dir / "report.html").is_file() and len(epoch_rows(run_dir)) == 2
+    # the training's time is the first sitting's, as its last checkpoint kept it: this one trained nothing
+    kept = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert metrics["train_seconds"] == round(kept, 1) and 0 < kept <= trained["train_seconds"]
 
 
 @pytest.mark.slow

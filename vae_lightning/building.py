@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
 from vae_lightning.checkpoints import check_finite, load_checkpoint
@@ -55,6 +56,10 @@ def build_run(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple:
     for tracker in mlflow_loggers(loggers):  # its store answers, or one line, before training
         tracker.open(cfg)
     callbacks += extra_callbacks or []
+    # the training's time, carried over continuations (given trainer.max_time, Lightning adds a Timer
+    # of its own, and would ignore max_time were one here already)
+    if cfg.trainer.get("max_time") is None:
+        callbacks.append(Timer(verbose=False))
     trainer_cfg = without_lightning_requeue(cfg.trainer)
     trainer: L.Trainer = build(trainer_cfg, "trainer", callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer

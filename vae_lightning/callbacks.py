@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import save_image
@@ -166,6 +167,13 @@ def last_epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     if history is None or not history.epochs:
         return {}
     return {key: value for key, value in history.epochs[-1].items() if key != "epoch"}
+
+
+def training_seconds(trainer: L.Trainer) -> float | None:
+    """The training's time over every sitting of the run, by Lightning's Timer (its state rides in
+    the checkpoints, so a continuation adds to it); None without a Timer."""
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    return None if timer is None else round(timer.time_elapsed("train"), 1)
 
 
 def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:

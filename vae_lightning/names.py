@@ -34,6 +34,10 @@ ACTIVE_UNITS = "test/active_units"
 # what a finished run reports everywhere: metrics.json, the printed report, TensorBoard's HPARAMS
 # view and the sweep summary
 FINAL_METRICS = (*EPOCH_METRICS, *TEST_METRICS, IW_NLL, ACTIVE_UNITS)
-SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, "wall_seconds")
+# seconds: the training's over every sitting of a continued run (Lightning's Timer, whose state the
+# checkpoints carry), and the whole of the sitting that finished the run (test pass and report too)
+TRAIN_SECONDS = "train_seconds"
+WALL_SECONDS = "wall_seconds"
+SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, TRAIN_SECONDS, WALL_SECONDS)
 # a multirun over seeds: what its over-seeds table gives the mean and std of, per setting
-SEED_METRICS = (*FINAL_METRICS, "wall_seconds")
+SEED_METRICS = (*FINAL_METRICS, TRAIN_SECONDS, WALL_SECONDS)

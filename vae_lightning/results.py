@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vae_lightning.mlflow_logger import RUN_FILES, mlflow_loggers
-from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL
+from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL, WALL_SECONDS
 from vae_lightning.nets import net_label
 from vae_lightning.outputs import WRITER_LOCK, read_json, write_json
 from vae_lightning.tracking import curves_url
@@ -91,7 +91,7 @@ def run_finished(metrics: dict[str, Any]) -> bool:
     """Whether a run's ``metrics.json`` is that of a run that went to its end (its test pass and
     report included): ``wall_seconds`` is written last, and a failure leaves a ``status``. A run
     stopped in its test pass has its training metrics but is not finished."""
-    return "status" not in metrics and "wall_seconds" in metrics
+    return "status" not in metrics and WALL_SECONDS in metrics
 
 
 def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:

@@ -17,13 +17,14 @@ from omegaconf import DictConfig
 
 from vae_lightning import stopping
 from vae_lightning.building import build_run, continued_data
-from vae_lightning.callbacks import last_epoch_metrics, stop_requested
+from vae_lightning.callbacks import last_epoch_metrics, stop_requested, training_seconds
 from vae_lightning.checkpoints import check_finite, hand_over, load_checkpoint, saved_progress
 from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
 from vae_lightning.launch import end_process_group, processes, slurm_restarts
 from vae_lightning.mlflow_logger import mlflow_loggers
+from vae_lightning.names import TRAIN_SECONDS, WALL_SECONDS
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
 from vae_lightning.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
@@ -87,6 +88,7 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
     metrics: dict = last_epoch_metrics(trainer)
     metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
     metrics.update(epochs=trainer.current_epoch, latent_dim=cfg.model.latent_dim, **datamodule.protocol())
+    metrics[TRAIN_SECONDS] = training_seconds(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     metrics["checkpoint"] = "weights after the last epoch"
     if trainer.is_global_zero:  # the finished training is kept whatever happens next
@@ -98,7 +100,7 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
         metrics["k"] = cfg.eval.k
         if stop_requested(trainer):  # nothing checks after the last test batch
             raise SIGTERMException
-    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    metrics[WALL_SECONDS] = round(time.perf_counter() - started, 1)
     if trainer.is_global_zero:
         record(cfg, metrics, trainer.loggers)
         write_report(out, module.model.eval(), datamodule)  # the tested weights, in a page of its own
