@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vae_lightning.bound import active_units, iw_log_likelihood
+from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.model import VAE
 from vae_lightning.objectives import elbo_terms
 from vae_lightning.plots import latent_scatter
@@ -181,17 +182,25 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         calls.clear()
         trainer.received_sigterm, stopping = False, stop
         kept = str(progress_dir) if progress_dir else None
-        return Evaluation(str(out), k=1000, batch_size=3, progress_dir=kept).bound(model, x, trainer)
+        evaluations.append(Evaluation(str(out), k=1000, batch_size=3, progress_dir=kept))
+        return evaluations[-1].bound(model, x, trainer)
+
+    evaluations = []
 
     stopping = False
     monkeypatch.setattr(evaluation, "iw_log_likelihood", counted)
     with pytest.raises(SIGTERMException):
         bound_of(model, stop=True)
     assert calls == [3, 3] and len(list(run.glob("bound_progress_*.pt"))) == 1
+    (kept,) = run.glob("bound_progress_*.pt")
+    state = load_checkpoint(kept)
+    assert state["seconds"] > 0
+    torch.save({**state, "seconds": 1e6}, kept)  # as if the stopped pass had taken 10^6 s
 
     continued, mu = bound_of(model, stop=False)
     assert calls == [3, 1]  # only the images the stopped pass had not done
     assert continued == whole and torch.equal(mu, whole_mu)  # the same noise, continued: the same number
+    assert evaluations[-1].seconds > 1e6  # its time counts the stopped pass's
     assert not list(run.glob("bound_progress_*"))
 
     # an eval keeps its progress outside its own new dir, so the next eval of the same weights continues it

@@ -21,7 +21,7 @@ from vae_lightning.callbacks import stop_requested
 from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.model import VAE
-from vae_lightning.names import ACTIVE_UNITS, IW_NLL
+from vae_lightning.names import ACTIVE_UNITS, BOUND_SECONDS, IW_NLL
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import (
     interpolation_grid,
@@ -55,7 +55,8 @@ class BoundProgress:
         self.path = directory / f"bound_progress_{self.key[:16]}.pt"
 
     def load(self) -> dict | None:
-        """The saved batches' bounds and E[z|x] (CPU tensors), their count and the generator's state."""
+        """The saved batches' bounds and E[z|x] (CPU tensors), the generator's state and the seconds
+        they took."""
         if not self.path.is_file():
             return None
         try:  # the checkpoints' reader: their zip checks first, then torch's safe unpickler
@@ -64,9 +65,9 @@ class BoundProgress:
             return None
         return saved if isinstance(saved, dict) and saved.get("key") == self.key else None
 
-    def save(self, bounds: list[Tensor], mus: list[Tensor], generator: torch.Generator) -> None:
+    def save(self, bounds: list[Tensor], mus: list[Tensor], generator: torch.Generator, seconds: float) -> None:
         state = {"key": self.key, "bounds": torch.cat(bounds).cpu(), "mus": torch.cat(mus).cpu(),
-                 "generator": generator.get_state()}  # fmt: skip
+                 "generator": generator.get_state(), "seconds": seconds}  # fmt: skip
         with replaced_atomically(self.path) as partial:
             torch.save(state, partial)
 
@@ -92,6 +93,7 @@ class Evaluation(L.Callback):
         self.progress_dir = Path(progress_dir) if progress_dir else self.out
         self.k, self.batch_size, self.chunk_rows = k, batch_size, chunk_rows
         self.seed, self.sample_seed, self.scale, self.ten_samples = seed, sample_seed, scale, ten_samples
+        self.seconds = 0.0  # the last bound's
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.k < 1 or not trainer.is_global_zero:
@@ -100,13 +102,15 @@ class Evaluation(L.Callback):
         test_x, test_y = trainer.datamodule.test_x.to(pl_module.device), trainer.datamodule.test_y
         iw_nll, mu = self.bound(model, test_x, trainer)
         pl_module.log(IW_NLL, iw_nll, rank_zero_only=True)
+        pl_module.log(BOUND_SECONDS, round(self.seconds, 1), rank_zero_only=True)
         pl_module.log(ACTIVE_UNITS, float(active_units(mu)), rank_zero_only=True)
         self.write_figures(model, test_x, test_y.cpu(), mu, trainer)
 
     def bound(self, model: VAE, test_x: Tensor, trainer: L.Trainer) -> tuple[float, Tensor]:
-        """The mean importance-weighted bound's negative and every test image's E[z|x]."""
+        """The mean importance-weighted bound's negative and every test image's E[z|x]; the seconds
+        it took, those of the stopped passes it continued included, go in ``self.seconds``."""
         gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
-        start, next_report = time.perf_counter(), 0.1
+        start, next_report, before = time.perf_counter(), 0.1, 0.0
         bounds, mus, done = [], [], 0
         settings = (self.k, self.seed, self.batch_size, self.chunk_rows)
         long = self.k >= 1000  # a bound of minutes: it says how far it is, and keeps its progress
@@ -116,7 +120,8 @@ class Evaluation(L.Callback):
             bounds, mus = [saved["bounds"].to(test_x.device)], [saved["mus"].to(test_x.device)]
             done = len(saved["bounds"])
             gen.set_state(saved["generator"])
-            print(f"  importance-weighted bound, k={self.k}: continued after {done} images", flush=True)
+            before = float(saved.get("seconds", 0.0))  # (files from before it kept them: 0)
+            print(f"  importance-weighted bound, k={self.k}: continued after {done} images, {before:.0f} s", flush=True)
             next_report = math.floor(done / len(test_x) * 10 + 1) / 10
         for xb in test_x[done:].split(self.batch_size):
             if stop_requested(trainer):  # checked between test batches, not in this long hook
@@ -125,16 +130,18 @@ class Evaluation(L.Callback):
             mus.append(model.encode(xb.to(model.dtype))[0].float())
             done += len(xb)
             if progress:
-                progress.save(bounds, mus, gen)
+                progress.save(bounds, mus, gen, before + time.perf_counter() - start)
             if long and done / len(test_x) >= next_report:
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue
                     torch.cuda.synchronize(test_x.device)
                 print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "
-                      f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+                      f"{before + time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
                 next_report += 0.1
+        iw_nll = -torch.cat(bounds).mean().item()  # (waits for the device's work)
+        self.seconds = before + time.perf_counter() - start
         if progress:
             progress.path.unlink(missing_ok=True)
-        return -torch.cat(bounds).mean().item(), torch.cat(mus)
+        return iw_nll, torch.cat(mus)
 
     def write_figures(self, model: VAE, test_x: Tensor, labels: Tensor, mu: Tensor, trainer: L.Trainer) -> None:
         first, second = _first_of_each_class(labels, 0), _first_of_each_class(labels, 1)

@@ -34,10 +34,13 @@ ACTIVE_UNITS = "test/active_units"
 # what a finished run reports everywhere: metrics.json, the printed report, TensorBoard's HPARAMS
 # view and the sweep summary
 FINAL_METRICS = (*EPOCH_METRICS, *TEST_METRICS, IW_NLL, ACTIVE_UNITS)
-# seconds: the training's over every sitting of a continued run (Lightning's Timer, whose state the
-# checkpoints carry), and the whole of the sitting that finished the run (test pass and report too)
+# seconds: the training's and the bound's over every sitting of a continued run (Lightning's Timer,
+# whose state the checkpoints carry; the bound's kept batches), and the whole of the sitting that
+# finished the run (test pass and report too)
 TRAIN_SECONDS = "train_seconds"
+BOUND_SECONDS = "bound_seconds"
 WALL_SECONDS = "wall_seconds"
-SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, TRAIN_SECONDS, WALL_SECONDS)
+TIMES = (TRAIN_SECONDS, BOUND_SECONDS, WALL_SECONDS)
+SUMMARY_COLUMNS = ("job", "overrides", "status", "epochs", *FINAL_METRICS, *TIMES)
 # a multirun over seeds: what its over-seeds table gives the mean and std of, per setting
-SEED_METRICS = (*FINAL_METRICS, TRAIN_SECONDS, WALL_SECONDS)
+SEED_METRICS = (*FINAL_METRICS, *TIMES)
