@@ -102,7 +102,8 @@ class Evaluation(L.Callback):
         test_x, test_y = trainer.datamodule.test_x.to(pl_module.device), trainer.datamodule.test_y
         iw_nll, mu = self.bound(model, test_x, trainer)
         pl_module.log(IW_NLL, iw_nll, rank_zero_only=True)
-        pl_module.log(BOUND_SECONDS, round(self.seconds, 1), rank_zero_only=True)
+        # whole seconds: logged values become float32, in which 7.8 reads back as 7.800000190734863
+        pl_module.log(BOUND_SECONDS, float(round(self.seconds)), rank_zero_only=True)
         pl_module.log(ACTIVE_UNITS, float(active_units(mu)), rank_zero_only=True)
         self.write_figures(model, test_x, test_y.cpu(), mu, trainer)
 
