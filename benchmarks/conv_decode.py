@@ -9,13 +9,17 @@ medians, their ratios, and the largest difference of the bounds. Timed inside th
 than on bare decodes because what the decoder allocates costs differently there (the bound holds
 its chunk's draws).
 
-Usage: ``python benchmarks/conv_decode.py [--rounds 5] [--k 300]``"""
+``--checkpoint <a conv run's .ckpt>`` times its trained weights on the first 100 test images of the
+data it was trained on (with ``VAE_DATA_DIR``), in place of untrained weights on random 0/1 images.
+
+Usage: ``python benchmarks/conv_decode.py [--rounds 5] [--k 300] [--checkpoint <ckpt>]``"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 import torch
 from epoch_speed import interleaved, machine
@@ -23,6 +27,8 @@ from epoch_speed import interleaved, machine
 import vae_lightning.bound as bound_module
 import vae_lightning.nets as nets
 from vae_lightning.bound import iw_log_likelihood
+from vae_lightning.building import load_trained
+from vae_lightning.data import MNISTDataModule
 from vae_lightning.model import VAE
 from vae_lightning.nets import ConvDecoder
 
@@ -50,10 +56,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--k", type=int, default=300)
+    parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = VAE({"name": "conv"}).eval()
     x = (torch.rand(100, 784) < 0.3).float()
+    if args.checkpoint:
+        module, protocol = load_trained(args.checkpoint)
+        model = module.model.eval()
+        data = MNISTDataModule(**protocol)
+        data.prepare_data()
+        data.setup("test")
+        x = data.test_x[:100].float()
     sliced = bound_module.CPU_DECODE_ROWS
     candidates = {
         f"default layout, {sliced} rows at a time": (default_layout, sliced),
