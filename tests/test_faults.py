@@ -528,13 +528,19 @@ def test_sigterm_stops_cleanly_says_what_was_kept_and_the_run_continues(tmp_path
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
-    kept = load_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] + 1
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    kept = state["epoch"] + 1
     line = f"error: stopped by SIGTERM; {run}/checkpoints/last.ckpt keeps epoch {kept}; continue with ckpt_path={run}"
     assert stderr.strip().splitlines()[-1] == line and "Traceback" not in stderr
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed: " + line[len("error: ") :]
+    # as if the first sitting had trained for 10^6 s: the continuation's training time adds to it
+    assert state["callbacks"]["Timer"]["time_elapsed"]["train"] > 0
+    state["callbacks"]["Timer"]["time_elapsed"]["train"] = 1e6
+    torch.save(state, run / "checkpoints" / "last.ckpt")
     resumed = run_cli("vae_lightning.train", *args, f"ckpt_path={run}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert epochs_column(run / "epochs.csv") == ["1", "2", "3", "4"]
+    assert json.loads((run / "metrics.json").read_text())["train_seconds"] > 1e6
 
 
 @pytest.mark.slow
