@@ -59,8 +59,6 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = VAE({"name": "conv"}).eval()
-    x = (torch.rand(100, 784) < 0.3).float()
     if args.checkpoint:
         module, protocol = load_trained(args.checkpoint)
         model = module.model.eval()
@@ -68,6 +66,9 @@ def main() -> None:
         data.prepare_data()
         data.setup("test")
         x = data.test_x[:100].float()
+    else:
+        model = VAE({"name": "conv"}).eval()
+        x = (torch.rand(100, 784) < 0.3).float()
     sliced = bound_module.CPU_DECODE_ROWS
     candidates = {
         f"default layout, {sliced} rows at a time": (default_layout, sliced),

@@ -177,6 +177,8 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         trainer.received_sigterm = stopping and len(calls) == 2  # a stop signal during the second batch
         return real(model, xb, *args)
 
+    evaluations = []  # every bound_of's: the last one's seconds are read below
+
     def bound_of(model, stop: bool, out: Path = run, progress_dir: Path | None = None):
         nonlocal stopping
         calls.clear()
@@ -184,8 +186,6 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
         kept = str(progress_dir) if progress_dir else None
         evaluations.append(Evaluation(str(out), k=1000, batch_size=3, progress_dir=kept))
         return evaluations[-1].bound(model, x, trainer)
-
-    evaluations = []
 
     stopping = False
     monkeypatch.setattr(evaluation, "iw_log_likelihood", counted)

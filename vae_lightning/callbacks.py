@@ -169,11 +169,11 @@ def last_epoch_metrics(trainer: L.Trainer) -> dict[str, float]:
     return {key: value for key, value in history.epochs[-1].items() if key != "epoch"}
 
 
-def training_seconds(trainer: L.Trainer) -> float | None:
+def training_seconds(trainer: L.Trainer) -> float:
     """The training's time over every sitting of the run, by Lightning's Timer (its state rides in
-    the checkpoints, so a continuation adds to it); None without a Timer."""
-    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    return None if timer is None else round(timer.time_elapsed("train"), 1)
+    the checkpoints, so a continuation adds to it; ``building.build_run`` sees that there is one)."""
+    timer = next(cb for cb in trainer.callbacks if isinstance(cb, Timer))
+    return round(timer.time_elapsed("train"), 1)
 
 
 def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:

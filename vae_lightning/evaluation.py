@@ -111,7 +111,7 @@ class Evaluation(L.Callback):
         """The mean importance-weighted bound's negative and every test image's E[z|x]; the seconds
         it took, those of the stopped passes it continued included, go in ``self.seconds``."""
         gen = torch.Generator(device=test_x.device).manual_seed(self.seed)
-        start, next_report, before = time.perf_counter(), 0.1, 0.0
+        start, next_report = time.perf_counter(), 0.1
         bounds, mus, done = [], [], 0
         settings = (self.k, self.seed, self.batch_size, self.chunk_rows)
         long = self.k >= 1000  # a bound of minutes: it says how far it is, and keeps its progress
@@ -122,6 +122,7 @@ class Evaluation(L.Callback):
             done = len(saved["bounds"])
             gen.set_state(saved["generator"])
             before = float(saved.get("seconds", 0.0))  # (files from before it kept them: 0)
+            start -= before  # the clock counts the stopped passes' seconds too
             print(f"  importance-weighted bound, k={self.k}: continued after {done} images, {before:.0f} s", flush=True)
             next_report = math.floor(done / len(test_x) * 10 + 1) / 10
         for xb in test_x[done:].split(self.batch_size):
@@ -131,15 +132,15 @@ class Evaluation(L.Callback):
             mus.append(model.encode(xb.to(model.dtype))[0].float())
             done += len(xb)
             if progress:
-                progress.save(bounds, mus, gen, before + time.perf_counter() - start)
+                progress.save(bounds, mus, gen, time.perf_counter() - start)
             if long and done / len(test_x) >= next_report:
                 if test_x.is_cuda:  # the clock must see the device's work, not its queue
                     torch.cuda.synchronize(test_x.device)
                 print(f"  importance-weighted bound, k={self.k}: {done}/{len(test_x)} images, "
-                      f"{before + time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+                      f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
                 next_report += 0.1
         iw_nll = -torch.cat(bounds).mean().item()  # (waits for the device's work)
-        self.seconds = before + time.perf_counter() - start
+        self.seconds = time.perf_counter() - start
         if progress:
             progress.path.unlink(missing_ok=True)
         return iw_nll, torch.cat(mus)
