@@ -71,7 +71,7 @@ def step_costs(rounds: int, steps: int = 300) -> tuple[float, float]:
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
-        torch.stack([out["rec"], out["kl"], out["per_image_loss"]])  # TrainingHistory's per-step work
+        torch.stack([out["terms"][term] for term in ("rec", "kl", "loss")])  # TrainingHistory's per-step work
 
     def bare() -> None:
         loss = bare_loss(module.model, x)

@@ -61,7 +61,7 @@ def test_training_backpropagates_the_summed_loss_with_adam():
     module.log = module.log_dict = lambda *args, **kwargs: None  # outside a loop
     out = module.training_step(x[:10], 0)
     assert out["loss"].requires_grad
-    assert out["loss"].item() == pytest.approx(10 * (out["rec"] + out["kl"]).item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(10 * (out["terms"]["rec"] + out["terms"]["kl"]).item(), rel=1e-5)
     for metric in trainer.callback_metrics:
         assert metric.startswith("train/")
     assert {"train/rec", "train/kl", "train/loss"} <= set(trainer.callback_metrics)

@@ -157,7 +157,7 @@ class KLWeights(L.Callback):
         self.weights: list[tuple[int, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.weights.append((trainer.global_step, pl_module.kl_weight()))
+        self.weights.append((trainer.global_step, pl_module.objective.kl_weight(pl_module.progress())))
 
 
 def test_kl_warm_up_follows_its_linear_schedule_to_beta(mnist_dir, tmp_path):

@@ -17,7 +17,7 @@ from torchvision.utils import save_image
 from vae_lightning import stopping
 from vae_lightning.checkpoints import saved_progress
 from vae_lightning.errors import DivergenceError
-from vae_lightning.names import EPOCH_COLUMNS, EPOCH_METRICS, STEP_METRICS, current_name
+from vae_lightning.names import EPOCH_COLUMNS, STEP_ORDER, current_name, epoch_metrics, step_metric
 from vae_lightning.outputs import replaced_atomically
 from vae_lightning.plots import loss_curves, sample_grid, upscale
 
@@ -27,8 +27,8 @@ def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
 
 
 class TrainingHistory(L.Callback):
-    """The record of a run: every optimizer step's per-image rec (-log p(x|z)) and KL, and every epoch's
-    train and val metrics.
+    """The record of a run: every optimizer step's per-image value of each of the objective's terms
+    (rec = -log p(x|z), KL, loss, and any of its own), and every epoch's train and val metrics.
 
     Step values stay on the device and are sent to the loggers (TensorBoard) in blocks of
     ``flush_every`` steps with their true step numbers: one host sync per block instead of a
@@ -50,14 +50,23 @@ class TrainingHistory(L.Callback):
         self.flush_every = flush_every
         self.epochs: list[dict[str, float]] = []
         self.steps = torch.empty(0, dtype=torch.long)  # logger step of each value (0-based)
-        self.step_values = torch.empty(0, 3)  # (steps, [rec, kl, loss]) per image, on the CPU
+        self.step_terms: tuple[str, ...] = STEP_ORDER  # the objective's terms, rec, kl and loss first
+        self.epoch_columns: tuple[str, ...] = EPOCH_COLUMNS
+        self.step_values = torch.empty(0, len(self.step_terms))  # (steps, step_terms) per image, on the CPU
         self._pending: list[torch.Tensor] = []  # not yet flushed, still on the device
         self._pending_steps: list[int] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        terms = pl_module.objective.terms
+        self.step_terms = (*STEP_ORDER, *(term for term in terms if term not in STEP_ORDER))
+        self.epoch_columns = ("epoch", *epoch_metrics(terms))
+        if not len(self.step_values):
+            self.step_values = torch.empty(0, len(self.step_terms))
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._pending.append(torch.stack([outputs["rec"], outputs["kl"], outputs["per_image_loss"]]))
+        self._pending.append(torch.stack([outputs["terms"][term] for term in self.step_terms]))
         self._pending_steps.append(trainer.global_step - 1)  # as Lightning numbers on_step logs
         if len(self._pending) >= self.flush_every:
             self._flush_steps(trainer)
@@ -76,7 +85,7 @@ class TrainingHistory(L.Callback):
         self._check_epoch(trainer, pl_module)
         metrics = trainer.callback_metrics
         row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
-        for key in EPOCH_METRICS:
+        for key in self.epoch_columns[1:]:
             if key in metrics:
                 row[key] = float(metrics[key])
         self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
@@ -108,9 +117,10 @@ class TrainingHistory(L.Callback):
         self.step_values = torch.cat([self.step_values, values])
         self.steps = torch.cat([self.steps, steps])
         for logger in trainer.loggers if trainer else []:
-            for step, (rec, kl, loss) in zip(steps.tolist(), values.tolist(), strict=True):
-                values_at_step = {"rec": rec, "kl": kl, "loss": loss}
-                logger.log_metrics({STEP_METRICS[term]: value for term, value in values_at_step.items()}, step)
+            for step, row in zip(steps.tolist(), values.tolist(), strict=True):
+                logger.log_metrics(
+                    {step_metric(term): value for term, value in zip(self.step_terms, row, strict=True)}, step
+                )
         if trainer is None:
             return
         bad = (~torch.isfinite(values).all(dim=1)).nonzero()
@@ -119,7 +129,7 @@ class TrainingHistory(L.Callback):
         if trainer.strategy.reduce_boolean_decision(bool(len(bad)), all=False):
             if not len(bad):
                 raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
-            step, (rec, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0]].tolist()
+            step, (rec, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0], :3].tolist()  # STEP_ORDER
             raise _diverged(
                 trainer,
                 f"the per-image loss became {loss:.4g} (rec {rec:.4g}, KL {kl:.4g}) "
@@ -137,7 +147,7 @@ class TrainingHistory(L.Callback):
 
     def write_csv(self) -> None:
         with replaced_atomically(self.csv_path) as partial, partial.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=EPOCH_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.epoch_columns)
             writer.writeheader()
             for row in self.epochs:
                 writer.writerow({k: (f"{v:.6f}" if k != "epoch" else int(v)) for k, v in row.items()})
@@ -148,7 +158,8 @@ class TrainingHistory(L.Callback):
             fig.savefig(partial, dpi=110, format="png")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "steps": self.steps.clone(), "step_values": self.step_values.clone()}
+        return {"epochs": self.epochs, "steps": self.steps.clone(), "step_values": self.step_values.clone(),
+                "step_terms": list(self.step_terms)}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epochs = [{current_name(k): v for k, v in row.items()} for row in state_dict["epochs"]]
@@ -157,6 +168,7 @@ class TrainingHistory(L.Callback):
         if values.shape[1] == 2:  # written before the loss had its own column: it was rec + kl
             values = torch.cat([values, values.sum(1, keepdim=True)], 1)
         self.step_values = values
+        self.step_terms = tuple(state_dict.get("step_terms", STEP_ORDER))  # older checkpoints: rec, kl, loss
 
 
 def last_epoch_metrics(trainer: L.Trainer) -> dict[str, float]:

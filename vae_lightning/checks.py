@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lightning.errors import UserError
 from vae_lightning.likelihoods import LIKELIHOODS
 from vae_lightning.model import vae_settings_from_hparams
-from vae_lightning.module import TRAINING_KEYS, VAEModule
+from vae_lightning.module import VAEModule, training_settings_from_hparams
 from vae_lightning.nets import NETS, net_settings
 from vae_lightning.priors import PRIORS
+from vae_lightning.registry import UnknownPart
 
 
 def _positive_int(value: object) -> bool:
@@ -26,14 +28,15 @@ def _positive_number(value: object) -> bool:
 
 
 _ABSENT = object()
-# (key, check, what it must be); a key the config lacks is not checked
+# (key, check, what it must be: a string, or what makes it when a registry's names are needed); a
+# key the config lacks is not checked
 VALUE_CHECKS = (
     ("model.latent_dim", _positive_int, "an integer >= 1"),
     ("model.lr", _positive_number, "a number > 0"),
     ("model.input_dim", _positive_int, "an integer >= 1"),
     ("model.init_std", _positive_number, "a number > 0"),
-    ("model.likelihood", lambda v: v in LIKELIHOODS, f"one of {', '.join(LIKELIHOODS)}"),
-    ("model.prior", lambda v: v in PRIORS, f"one of {', '.join(PRIORS)}"),
+    ("model.likelihood", lambda v: v in LIKELIHOODS, lambda: f"one of {', '.join(LIKELIHOODS.names())}"),
+    ("model.prior", lambda v: v in PRIORS, lambda: f"one of {', '.join(PRIORS.names())}"),
     ("model.prior_components", _positive_int, "an integer >= 1 (mixture components or pseudo-inputs)"),
     ("model.k", _positive_int, "an integer >= 1 (importance samples per image)"),
     ("model.beta", lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
@@ -50,17 +53,21 @@ VALUE_CHECKS = (
 )
 
 
+def _said(expected: str | Callable[[], str]) -> str:
+    return expected() if callable(expected) else expected
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Refuse impossible values before any data is loaded or model built."""
     for key, ok, expected in VALUE_CHECKS:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not ok(value):
-            raise UserError(f"{key}={value!r} is not valid: it must be {expected}")
+            raise UserError(f"{key}={value!r} is not valid: it must be {_said(expected)}")
     net = OmegaConf.select(cfg, "model.net", default=_ABSENT)
     if net is not _ABSENT and not isinstance(net, DictConfig):  # model.net=conv for model/net=conv
         choice = net if isinstance(net, str) and net in NETS else "<name>"
         raise UserError(f"model.net={net!r} is not valid: it is a block of settings; choose a net with "
-                        f"model/net={choice} (the nets: {', '.join(NETS)})")  # fmt: skip
+                        f"model/net={choice} (the nets: {', '.join(NETS.names())})")  # fmt: skip
     if net is not _ABSENT:
         try:
             net_settings(OmegaConf.to_container(cfg.model.net))
@@ -71,18 +78,30 @@ def validate_config(cfg: DictConfig) -> None:
 def checkpoint_module(hparams: dict[str, Any], ckpt: Path) -> VAEModule:
     """The module a checkpoint's model settings describe. The settings are data: checked as the
     config's are, then by the module itself; a bad one is one line naming the file."""
-    settings = {**vae_settings_from_hparams(hparams), **{k: hparams[k] for k in TRAINING_KEYS if k in hparams}}
+    settings = {**vae_settings_from_hparams(hparams), **training_settings_from_hparams(hparams)}
     for key, ok, expected in VALUE_CHECKS:
         name = key.removeprefix("model.")
+        if key.startswith("model.") and name in settings and not ok(settings[name]) and callable(expected):
+            raise UserError(missing_part(ckpt, key, settings[name]))
         if key.startswith("model.") and name in settings and not ok(settings[name]):
             raise UserError(
-                f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {expected}; "
+                f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {_said(expected)}; "
                 "pass another checkpoint"
             )
     try:
         return VAEModule.from_hparams(hparams)
+    except UnknownPart as err:
+        raise UserError(missing_part(ckpt, err.kind, err.name, err.group)) from None
     except (ValueError, TypeError, KeyError) as err:  # settings no net or objective of this project has
         raise UserError(f"the model settings in {ckpt} are not valid: {err}; pass another checkpoint") from None
+
+
+def missing_part(ckpt: Path, kind: str, name: object, group: str | None = None) -> str:
+    """One line for a checkpoint whose part no installed package provides."""
+    kind = kind.removeprefix("model.")
+    group = group or f"vae_lightning.{kind}s"
+    return (f"{ckpt} was trained with the {kind} {name!r}, which no installed package provides: install the "
+            f"plugin package that registers it (entry-point group {group}), then run this again")  # fmt: skip
 
 
 # keys a "+key=value" override may add: arguments of the Lightning objects these build, which say

@@ -19,6 +19,7 @@ from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.checks import validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import describe_disk_error, write_json
+from vae_lightning.plugin_configs import CONFIG_PATH
 from vae_lightning.results import likelihood_note, refuse, report_lines
 
 
@@ -63,7 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> float:
     try:
         metrics = run(cfg)

@@ -158,7 +158,7 @@ class Evaluation(L.Callback):
             images["samples"] = sample_grid(model, 10, 10, self.sample_seed)
         if model.latent_dim == 2:
             images["manifold"] = manifold_grid(model)
-        if model.likelihood.name == "continuous_bernoulli":  # its mean looks washed out; its lambda does not
+        if model.likelihood.lambda_differs_from_mean:  # its mean can look washed out where its lambda does not
             images["lambda_and_mean"] = parameter_and_mean_grid(model, test_x[first], self.sample_seed)
         labelled = figure_labels(class_names, INTERPOLATION_PAIRS)
         for name, grid in images.items():

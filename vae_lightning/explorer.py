@@ -63,10 +63,27 @@ def explorer_data(model: VAE, test_x: Tensor, test_y: Tensor, class_names: list[
     images = (test_x[picks].float().cpu() * 255).round().to(torch.uint8).numpy()
     return {
         "input_dim": model.input_dim, "latent_dim": d, "decoder": page_ops(model),
-        "likelihood": model.settings["likelihood"],
+        "likelihood": model.settings["likelihood"], "page_mean": model.likelihood.page_mean,
+        "lambda_differs_from_mean": model.likelihood.lambda_differs_from_mean, "prior": prior_mixture(model),
+        "prior_name": model.settings["prior"],
         "origin": _float32(origin), "basis": [_float32(b) for b in basis], "basis_names": names,
         "basis_caption": caption, "test_images": _b64(images), "test_means": _float32(mu_all[picks]),
         "test_labels": test_y[picks].tolist(), "class_names": class_names,
+    }  # fmt: skip
+
+
+def prior_mixture(model: VAE) -> dict[str, Any] | None:
+    """p(z) as the Gaussian mixture the page's "random z" draws from (the prior in use, as
+    ``VAE.sample_z``); None for a prior that is no such mixture (the page then offers none)."""
+    try:
+        with torch.no_grad():
+            means, logvars, log_weights = model.prior.page_mixture(model.latent_dim, model.encode)
+    except NotImplementedError:
+        return None
+    return {
+        "components": len(means), "means": _float32(means.float().cpu()),
+        "stds": _float32(torch.exp(0.5 * logvars.float().cpu())),
+        "weights": _float32(torch.softmax(log_weights.float().cpu(), 0)),
     }  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from vae_lightning.building import module_from_checkpoint
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.model import VAE
+from vae_lightning.plugin_configs import CONFIG_PATH
 from vae_lightning.results import refuse
 from vae_lightning.workarounds import quiet_onnx_exporter
 
@@ -90,7 +91,7 @@ def export(vae: VAE, out: Path, fmt: str) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
     try:
         if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:

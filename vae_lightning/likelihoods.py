@@ -1,6 +1,11 @@
 """p(x | z): the decoder's logits scored against the pixels (``model.likelihood``): Bernoulli (the
 reference notebook's), continuous Bernoulli, Gaussian. The reconstruction term every objective
-logs, ``rec``, is the chosen likelihood's -log p(x | z), summed over pixels (for the Bernoulli, the BCE)."""
+logs, ``rec``, is the chosen likelihood's -log p(x | z), summed over pixels (for the Bernoulli, the BCE).
+
+Each is a ``Likelihood`` in the ``LIKELIHOODS`` registry (installed plugins add theirs), built as
+``cls(input_dim)``, and carries what its consumers need: ``nll`` and ``mean``, how the report's
+page draws its mean (``page_mean``), what its bound is a bound of (``density_support``), and
+whether its figures show the decoder's lambda beside the mean (``lambda_differs_from_mean``)."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from vae_lightning.registry import Registry
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -116,7 +123,36 @@ def _log_cb_normalizer_derivative(logits: Tensor) -> Tensor:
     return torch.copysign(below.add_(exact), logits)
 
 
-class Bernoulli(nn.Module):
+class Likelihood(nn.Module):
+    """p(x | z) from the decoder's logits (one per pixel). A subclass sets ``name`` (its registered
+    name) and defines ``nll`` (-log p(x | z) per image, summed over pixels, at least fp32; ``x``
+    broadcasts against ``logits``) and ``mean`` (E[x | z], what samples and reconstructions show)."""
+
+    name: str = ""
+    # how the report's in-page decoder turns logits into the mean: "sigmoid" or
+    # "continuous_bernoulli" (explorer.html knows these); None: the page says it cannot draw it
+    page_mean: str | None = "sigmoid"
+    # None: a probability of 0/1 pixels (the bound is an NLL of binarized images); else the set on
+    # which it is a density of each pixel, for what the bound's note says
+    density_support: str | None = None
+    # the figures show the decoder's lambda (sigmoid of the logits) beside the mean
+    lambda_differs_from_mean: bool = False
+
+    def __init__(self, input_dim: int | None = None) -> None:  # pixels per image, for parameters per pixel
+        super().__init__()
+
+    def nll(self, logits: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+LIKELIHOODS: Registry[type[Likelihood]] = Registry("likelihood", "model.likelihood")
+
+
+@LIKELIHOODS.register("bernoulli")
+class Bernoulli(Likelihood):
     """p(x|z) = prod_j lambda_j^x_j (1 - lambda_j)^(1 - x_j), lambda = sigmoid(logits): the reference
     notebook's. A probability for 0/1 pixels; on continuous pixels, not normalised."""
 
@@ -129,12 +165,14 @@ class Bernoulli(nn.Module):
         return torch.sigmoid(logits)
 
 
-class ContinuousBernoulli(nn.Module):
+@LIKELIHOODS.register("continuous_bernoulli")
+class ContinuousBernoulli(Likelihood):
     """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): the Bernoulli's form normalised
     on [0, 1], so a true density for continuous pixels. -log p = BCE - log C(lambda) per pixel. Its
     mean is not lambda (the paper's point: images drawn with lambda look sharper than the mean)."""
 
-    name = "continuous_bernoulli"
+    name, page_mean = "continuous_bernoulli", "continuous_bernoulli"
+    density_support, lambda_differs_from_mean = "[0, 1] per pixel", True
 
     def nll(self, logits: Tensor, x: Tensor) -> Tensor:
         return pixel_summed_nll(logits, x, continuous=True)
@@ -148,16 +186,17 @@ class ContinuousBernoulli(nn.Module):
         return torch.where(small, 0.5 + logits / 12, exact)
 
 
-class Gaussian(nn.Module):
+@LIKELIHOODS.register("gaussian")
+class Gaussian(Likelihood):
     """p(x|z) = N(x; sigmoid(logits), diag(sigma^2)) with one learned variance per pixel, log sigma^2
     kept in [-9, 2] (sigma from 0.011 to 2.7): a density on continuous pixels, which on 8-bit images
     can exceed 1, so -log p can be negative (docs/protocols.md)."""
 
-    name = "gaussian"
+    name, density_support = "gaussian", "the real line per pixel"
     LOG_VAR_RANGE = (-9.0, 2.0)
 
     def __init__(self, input_dim: int) -> None:
-        super().__init__()
+        super().__init__(input_dim)
         self.log_var = nn.Parameter(torch.zeros(input_dim))
 
     def nll(self, logits: Tensor, x: Tensor) -> Tensor:
@@ -170,10 +209,5 @@ class Gaussian(nn.Module):
         return torch.sigmoid(logits)
 
 
-LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, ContinuousBernoulli, Gaussian)}
-
-
-def build_likelihood(name: str, input_dim: int) -> nn.Module:
-    if name not in LIKELIHOODS:
-        raise ValueError(f"model.likelihood={name!r} is not one of {', '.join(LIKELIHOODS)}")
-    return Gaussian(input_dim) if name == "gaussian" else LIKELIHOODS[name]()
+def build_likelihood(name: str, input_dim: int) -> Likelihood:
+    return LIKELIHOODS.get(name)(input_dim)

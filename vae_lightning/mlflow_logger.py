@@ -34,7 +34,7 @@ from vae_lightning.mlflow_store import (
     store,
     sweep_parent,
 )
-from vae_lightning.names import EPOCH_METRICS, STEP_METRICS
+from vae_lightning.names import step_metric
 
 BATCH = 1000  # MLflow's limit of metrics in one log_batch request
 # what a finished run sends, beside the figures (*.png)
@@ -170,13 +170,15 @@ class MLflow(MLFlowLogger):
             return
         history = TrainingHistory(output_dir=str(self.run_dir))
         history.load_state_dict(state)
-        for step, (rec, kl, loss) in zip(history.steps.tolist(), history.step_values.tolist(), strict=True):
-            self.log_metrics({STEP_METRICS["rec"]: rec, STEP_METRICS["kl"]: kl, STEP_METRICS["loss"]: loss}, step)
+        for step, row in zip(history.steps.tolist(), history.step_values.tolist(), strict=True):
+            self.log_metrics(
+                {step_metric(term): value for term, value in zip(history.step_terms, row, strict=True)}, step
+            )
         steps, epochs = history.steps.tolist(), history.epochs
         if epochs and len(steps) % len(epochs) == 0:  # each epoch's metrics were logged at its last step
             per_epoch = len(steps) // len(epochs)
             for row in epochs:
-                values = {key: value for key, value in row.items() if key in EPOCH_METRICS}
+                values = {key: value for key, value in row.items() if key != "epoch"}
                 self.log_metrics(values, steps[int(row["epoch"]) * per_epoch - 1])
         self.save()
 

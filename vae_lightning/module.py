@@ -11,16 +11,19 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from vae_lightning.model import VAE, vae_settings_from_hparams
-from vae_lightning.names import STAGES, TERMS, metric
-from vae_lightning.objectives import elbo_terms, iwae_terms
+from vae_lightning.names import STAGES, metric
+from vae_lightning.objectives import OBJECTIVES, Objective, Progress
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 # the test pass draws its z from its own generator with this seed: the same weights get the same
 # test loss in every run and in ``vae_lightning.eval``
 TEST_NOISE_SEED = 0
-OBJECTIVES = ("elbo", "iwae")
-# the module's own settings (the VAE's are ``VAE.settings``); a checkpoint keeps both
-TRAINING_KEYS = ("lr", "fused_adam", "objective", "beta", "kl_warmup_epochs", "k")
+# what checkpoints written before objectives were parts (main c1154ae and earlier) were trained with
+# when they do not say: the module's defaults of that time, written down once
+OLD_CHECKPOINT_TRAINING = {"lr": 1e-3, "fused_adam": None, "objective": "elbo", "beta": 1.0, "kl_warmup_epochs": 0,
+                           "k": 1}  # fmt: skip
+# the module's own settings besides its objective's (the VAE's are ``VAE.settings``); a checkpoint keeps all
+TRAINING_KEYS = ("lr", "fused_adam", "objective")
 
 
 class PerImageMean(Metric):
@@ -46,14 +49,23 @@ class PerImageMean(Metric):
         return self.total / self.count
 
 
-class VAEModule(L.LightningModule):
-    """Optimises the summed -log p(x|z) + KL (the reference notebook's BCE + KL) and logs it per image.
+def training_settings_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's training settings (its objective's included); what it lacks, it was trained
+    with as of the checkpoints before objectives were parts (``OLD_CHECKPOINT_TRAINING``), not with
+    today's defaults."""
+    vae_keys = {"vae", "input_dim", "hidden_dim", "latent_dim", "init", "init_std"}
+    kept = {k: v for k, v in hparams.items() if k not in vae_keys}
+    settings = {**OLD_CHECKPOINT_TRAINING, **kept}
+    # an objective reads its own settings; the others old checkpoints carry were at their neutral values
+    reads = OBJECTIVES.get(settings["objective"]).reads if settings["objective"] in OBJECTIVES else ()
+    old_shared = set(OLD_CHECKPOINT_TRAINING) - set(TRAINING_KEYS)
+    return {k: v for k, v in settings.items() if k in TRAINING_KEYS or k in reads or k not in old_shared}
 
-    ``objective=elbo`` weighs the KL by ``beta``, ramped up linearly from 0 over the first
-    ``kl_warmup_epochs`` (Sonderby et al. 2016); ``objective=iwae`` optimises the k-sample
-    importance-weighted bound instead (Burda et al. 2015). ``loss`` is always the negative bound
-    the objective trains (the ELBO whatever beta, or the IWAE bound), and rec and KL are logged
-    for every objective, so runs with different objectives sit side by side.
+
+class VAEModule(L.LightningModule):
+    """Optimises the objective (``model.objective``, by default the reference notebook's BCE + KL)
+    and logs each of its terms per image (``objectives``: loss, rec and KL for every objective, so
+    runs with different objectives sit side by side, and any terms of its own).
 
     ``train/rec_step`` etc. are the batch's per-image values at every step (returned by
     ``training_step``, logged by ``callbacks.TrainingHistory``); ``train/rec`` etc.
@@ -68,23 +80,20 @@ class VAEModule(L.LightningModule):
         lr: float = 1e-3,
         fused_adam: bool | None = None,
         objective: str = "elbo",
-        beta: float = 1.0,
-        kl_warmup_epochs: int = 0,
-        k: int = 1,
+        **objective_settings: Any,
     ) -> None:
         super().__init__()
-        if objective not in OBJECTIVES:
-            raise ValueError(f"model.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if objective == "iwae" and (beta != 1 or kl_warmup_epochs):
-            raise ValueError("model.beta and model.kl_warmup_epochs weigh the ELBO's KL; use them with objective=elbo")
+        self.objective: Objective = OBJECTIVES.get(objective)(**objective_settings)
         if vae is None:  # the reference notebook's
             vae = VAE()
         elif isinstance(vae, dict):  # its settings, as Lightning's load_from_checkpoint passes them back
             vae = VAE(**vae)
         self.save_hyperparameters(ignore=["vae"])
+        self.hparams.update(self.objective.settings)  # plain data, each read by the objective
         self.hparams["vae"] = vae.settings  # plain data: a checkpoint rebuilds its model from it, by name
         self.model = vae
-        self.means = nn.ModuleDict({f"{stage}_{term}": PerImageMean() for stage in STAGES for term in TERMS})
+        terms = self.objective.terms
+        self.means = nn.ModuleDict({f"{stage}_{term}": PerImageMean() for stage in STAGES for term in terms})
         self._logged_this_epoch: set[tuple[str, str]] = set()
 
     @classmethod
@@ -99,8 +108,7 @@ class VAEModule(L.LightningModule):
     def from_hparams(cls, hparams: dict) -> VAEModule:
         """The module a checkpoint's ``hyper_parameters`` describe (its VAE built again from plain
         settings; checkpoints from before nets were parts included)."""
-        training = {k: hparams[k] for k in TRAINING_KEYS if k in hparams}
-        return cls(VAE(**vae_settings_from_hparams(hparams)), **training)
+        return cls(VAE(**vae_settings_from_hparams(hparams)), **training_settings_from_hparams(hparams))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the reparameterisation noise is part of the run: a resumed run draws what an
@@ -155,51 +163,41 @@ class VAEModule(L.LightningModule):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.model(x)
 
-    def kl_weight(self) -> float:
-        """The KL's weight at this optimizer step: beta, reached linearly over the warm-up epochs."""
-        beta, warmup = float(self.hparams.beta), self.hparams.kl_warmup_epochs
-        if not warmup:
-            return beta
-        return beta * min(1.0, self.global_step / (warmup * self.trainer.num_training_batches))
+    def progress(self) -> Progress:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return Progress()
+        steps = trainer.num_training_batches
+        steps = steps if isinstance(steps, int) and steps > 0 else 1  # (inf before fitting starts)
+        train = getattr(trainer.datamodule, "train_x", None)
+        return Progress(self.global_step, steps, len(train) if train is not None else 1)
 
-    def _shared_step(
-        self, x: Tensor, stage: str, noise: torch.Generator | None = None, kl_weight: float = 1.0
-    ) -> dict[str, Tensor]:
-        if self.hparams.objective == "iwae":
-            rec, kl, neg_bound = iwae_terms(self.model, x, self.hparams.k, noise)
-        else:
-            (rec, kl), neg_bound = elbo_terms(self.model, x, noise), None
-        terms = {"rec": rec.detach(), "kl": kl.detach()}
-        terms["loss"] = terms["rec"] + terms["kl"] if neg_bound is None else neg_bound.detach()
-        for term, values in terms.items():
-            metric_name = metric(stage, term)
+    def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
+        graph_loss, terms = self.objective.batch(self.model, x, noise, self.progress())
+        for term in self.objective.terms:
             mean = self.means[f"{stage}_{term}"]
-            mean.update(values)
+            mean.update(terms[term].detach())
             if (stage, term) not in self._logged_this_epoch:
                 # Lightning keeps a reference and computes (under DDP, syncs) the metric when
                 # the epoch ends, before any epoch-end hook, then resets it. Logging it once per
                 # epoch is enough; every step would move the metric to the device each time
                 # (docs/performance.md).
-                self.log(metric_name, mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
+                self.log(metric(stage, term), mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
                 self._logged_this_epoch.add((stage, term))
         # summed over pixels and over the batch (not a mean), as the reference notebook's loss
-        if neg_bound is not None:
-            graph_loss = neg_bound.sum()
-        elif kl_weight != 1.0:
-            graph_loss = rec.sum() + kl_weight * kl.sum()
-        else:
-            graph_loss = rec.sum() + kl.sum()
-        return {"graph_loss": graph_loss, **{t: v.mean() for t, v in terms.items()}}
+        if graph_loss is None:
+            graph_loss = terms["rec"].sum() + terms["kl"].sum()
+        return {"graph_loss": graph_loss, **{t: terms[t].detach().mean() for t in self.objective.terms}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        kl_weight = self.kl_weight()
-        out = self._shared_step(batch, "train", kl_weight=kl_weight)
-        if self.hparams.kl_warmup_epochs:  # the schedule, in TensorBoard (a Python float: no sync)
-            self.log("train/kl_weight", kl_weight, on_step=True, on_epoch=False)
+        out = self._shared_step(batch, "train")
+        for name, value in self.objective.step_logs(self.progress()).items():  # a schedule, in TensorBoard
+            self.log(name, value, on_step=True, on_epoch=False)
         # Lightning backpropagates "loss": the sum over the batch, not the mean. The step's
-        # per-image values go out with it, still on the device; TrainingHistory logs them in
-        # blocks (a self.log per step costs more than the step itself on a CPU).
-        return {"loss": out["graph_loss"], "rec": out["rec"], "kl": out["kl"], "per_image_loss": out["loss"]}
+        # per-image values of the objective's terms go out with it, still on the device;
+        # TrainingHistory logs them in blocks (a self.log per step costs more than the step itself
+        # on a CPU).
+        return {"loss": out.pop("graph_loss"), "terms": out}
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -22,10 +22,20 @@ def metric(stage: str, term: str) -> str:
     return f"{stage}/{term}"
 
 
-# every optimizer step: the batch's per-image values (TensorBoard only)
-STEP_METRICS = {term: f"train/{term}_step" for term in TERMS}
-# every epoch: epochs.csv's columns after "epoch"
-EPOCH_METRICS = tuple(metric(stage, term) for stage in ("train", "val") for term in TERMS)
+def step_metric(term: str) -> str:
+    """Every optimizer step: the batch's per-image value of an objective's term (TensorBoard, MLflow)."""
+    return f"train/{term}_step"
+
+
+def epoch_metrics(terms: tuple[str, ...] = TERMS) -> tuple[str, ...]:
+    """Every epoch's train and val value of each of an objective's terms: epochs.csv's columns after "epoch"."""
+    return tuple(metric(stage, term) for stage in ("train", "val") for term in terms)
+
+
+# the terms every objective has (objectives.BOUND_TERMS), in the order the step records keep them
+STEP_ORDER = ("rec", "kl", "loss")
+STEP_METRICS = {term: step_metric(term) for term in TERMS}
+EPOCH_METRICS = epoch_metrics()
 EPOCH_COLUMNS = ("epoch", *EPOCH_METRICS)
 # the tested weights: the test ELBO (trainer.test) and the importance-weighted bound
 TEST_METRICS = tuple(metric("test", term) for term in TERMS)

@@ -4,19 +4,23 @@ An encoder maps images (n, input_dim) in [0, 1] to q(z|x)'s (mu, logvar), each (
 decoder maps z (n, latent_dim) to one logit per pixel (n, input_dim). A decoder also lists its
 operations as plain data (``page_ops``), so that the report's in-page decoder can run it.
 
-Nets are chosen by name (``NETS``), never by an import path: a checkpoint names its net, and a
-file must not be able to name code to run. Adding a net is one class pair here and one config in
-``conf/model/net/`` (docs/models.md).
+Nets are chosen by name (``NETS``, a registry that installed plugins add to), never by an import
+path: a checkpoint names its net, and a file must not be able to name code to run. Adding a net is
+one class pair registered as a ``NetPair`` and one config in ``conf/model/net/`` (docs/models.md);
+a plugin's, the same in its own package (docs/plugins.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from vae_lightning.registry import Registry
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 # the same, in place: what the bound's fast path runs on its reused buffers (``model.linear_head``)
@@ -176,11 +180,38 @@ def _deconv_op(layer: nn.ConvTranspose2d) -> dict[str, Any]:
             "stride": layer.stride[0], "padding": layer.padding[0]}  # fmt: skip
 
 
-# name -> (encoder, decoder, the settings both take besides input_dim and latent_dim, with defaults)
-NETS: dict[str, tuple[type[nn.Module], type[nn.Module], dict[str, Any]]] = {
-    "mlp": (MLPEncoder, MLPDecoder, {"hidden": [400], "activation": "relu"}),
-    "conv": (ConvEncoder, ConvDecoder, {"channels": [32, 64]}),
-}
+@dataclass(frozen=True)
+class NetPair:
+    """A net as the VAE uses it: the encoder and decoder classes, each built as
+    ``cls(input_dim, latent_dim, **settings)``, the settings both take with their defaults (what a
+    checkpoint of it stores), and a check of a full set of settings (raises ValueError in one line)."""
+
+    encoder: type[nn.Module]
+    decoder: type[nn.Module]
+    defaults: dict[str, Any]
+    check: Callable[[dict[str, Any]], None] = field(default=lambda settings: None)
+    # the settings a table names it by (``mlp 400 relu``): their values, joined
+    label_keys: tuple[str, ...] = ()
+
+
+def _two_conv_layers(settings: dict[str, Any]) -> None:
+    if len(settings["channels"]) != 2:
+        raise ValueError(f"model.net.channels={settings['channels']}: the conv net has two layers, give two sizes")
+
+
+NETS: Registry[NetPair] = Registry("net", "model.net.name")
+
+
+def _known_activation(settings: dict[str, Any]) -> None:
+    _activation(settings["activation"])
+
+
+NETS.register("mlp")(
+    NetPair(
+        MLPEncoder, MLPDecoder, {"hidden": [400], "activation": "relu"}, _known_activation, ("hidden", "activation")
+    ),
+)
+NETS.register("conv")(NetPair(ConvEncoder, ConvDecoder, {"channels": [32, 64]}, _two_conv_layers, ("channels",)))
 
 
 def net_settings(net: dict[str, Any]) -> dict[str, Any]:
@@ -188,9 +219,8 @@ def net_settings(net: dict[str, Any]) -> dict[str, Any]:
     What a checkpoint stores and what ``build_nets`` takes; a bad name or setting is one line."""
     net = dict(net)
     name = net.pop("name", "mlp")
-    if name not in NETS:
-        raise ValueError(f"model.net.name={name!r} is not one of {', '.join(NETS)}")
-    defaults = NETS[name][2]
+    pair = NETS.get(name)
+    defaults = pair.defaults
     unknown = sorted(set(net) - set(defaults))
     if unknown:
         raise ValueError(f"model.net.{unknown[0]} is not a setting of the {name} net (it takes {', '.join(defaults)})")
@@ -203,24 +233,22 @@ def net_settings(net: dict[str, Any]) -> dict[str, Any]:
             if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes):
                 raise ValueError(f"model.net.{key}={list(sizes)!r}: every size must be an integer >= 1")
             settings[key] = [int(s) for s in sizes]
-    if name == "conv" and len(settings["channels"]) != 2:
-        raise ValueError(f"model.net.channels={settings['channels']}: the conv net has two layers, give two sizes")
-    if "activation" in settings:
-        _activation(settings["activation"])
+    pair.check(settings)
     return {"name": name, **settings}
 
 
 def net_label(net: dict[str, Any]) -> str:
     """A net in a few words, for tables and TensorBoard: ``mlp 400 relu``, ``conv 32-64``."""
     settings = net_settings(net)
-    sizes = settings.get("hidden", settings.get("channels", []))
-    return " ".join(
-        [settings["name"], "-".join(map(str, sizes)), *([settings["activation"]] if "activation" in settings else [])]
-    )
+    words = [settings["name"]]
+    for key in NETS.get(settings["name"]).label_keys:
+        value = settings[key]
+        words.append("-".join(map(str, value)) if isinstance(value, list | tuple) else str(value))
+    return " ".join(words)
 
 
 def build_nets(net: dict[str, Any], input_dim: int, latent_dim: int) -> tuple[nn.Module, nn.Module]:
     """The (encoder, decoder) pair that ``net`` names, built encoder first."""
     settings = net_settings(net)
-    encoder_cls, decoder_cls, _ = NETS[settings.pop("name")]
-    return encoder_cls(input_dim, latent_dim, **settings), decoder_cls(input_dim, latent_dim, **settings)
+    pair = NETS.get(settings.pop("name"))
+    return pair.encoder(input_dim, latent_dim, **settings), pair.decoder(input_dim, latent_dim, **settings)

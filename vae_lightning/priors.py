@@ -1,7 +1,11 @@
 """p(z) (``model.prior``): the standard normal (the reference notebook's, with its closed-form KL),
 a learned mixture of Gaussians, and the VampPrior (Tomczak & Welling 2018), a mixture of the
 encoder's posteriors at learned pseudo-inputs. Where no closed form exists, the KL logged and
-trained is the one-sample Monte-Carlo estimate log q(z|x) - log p(z) at the z the reconstruction used."""
+trained is the one-sample Monte-Carlo estimate log q(z|x) - log p(z) at the z the reconstruction used.
+
+Each is a ``Prior`` in the ``PRIORS`` registry (installed plugins add theirs), built as
+``cls(input_dim, latent_dim, components)``; it carries its KL, log-density and sampler, and the
+Gaussian mixture the report's page draws its random z from (``page_mixture``)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vae_lightning.likelihoods import at_least_fp32
+from vae_lightning.registry import Registry
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -50,7 +55,42 @@ def mixture_log_density(z: Tensor, means: Tensor, logvars: Tensor, log_weights: 
     return torch.cat(out).view(shape)
 
 
-class StandardNormal(nn.Module):
+class Prior(nn.Module):
+    """p(z). A subclass sets ``name`` and ``closed_form`` (``kl`` is exact, not estimated at z) and
+    defines ``kl`` (per image), ``log_prob`` (summed over latent dimensions), ``sample`` (n draws,
+    on the generator's device) and ``page_mixture``; ``encode`` is the VAE's, for priors made of
+    the encoder's posteriors. ``uses_components``: ``model.prior_components`` sizes it."""
+
+    name: str = ""
+    closed_form: bool = False
+    uses_components: bool = False
+
+    def __init__(self, input_dim: int, latent_dim: int, components: int) -> None:
+        super().__init__()
+        if self.uses_components and not (isinstance(components, int) and components >= 1):
+            raise ValueError(f"model.prior_components={components!r} must be an integer >= 1")
+
+    def kl(self, mu: Tensor, logvar: Tensor, z: Tensor, encode: Callable) -> Tensor:
+        return gaussian_log_density(z, mu, logvar) - self.log_prob(z, encode)
+
+    def log_prob(self, z: Tensor, encode: Callable) -> Tensor:
+        raise NotImplementedError
+
+    def sample(self, n: int, latent_dim: int, generator: torch.Generator | None, encode: Callable) -> Tensor:
+        raise NotImplementedError
+
+    def page_mixture(self, latent_dim: int, encode: Callable) -> tuple[Tensor, Tensor, Tensor]:
+        """p(z) as the Gaussian mixture the report's page samples its random z from: (means (K, d),
+        log-variances (K, d), log-weights (K,)). A prior that is no such mixture raises
+        NotImplementedError, and the page then offers no random z."""
+        raise NotImplementedError
+
+
+PRIORS: Registry[type[Prior]] = Registry("prior", "model.prior")
+
+
+@PRIORS.register("normal")
+class StandardNormal(Prior):
     """p(z) = N(0, I). Its KL from q(z|x) is closed-form (``kl_divergence``)."""
 
     name, closed_form = "normal", True
@@ -65,22 +105,19 @@ class StandardNormal(nn.Module):
         device = generator.device if generator is not None else None
         return torch.randn(n, latent_dim, generator=generator, device=device)
 
-
-class _MonteCarloKL(nn.Module):
-    closed_form = False
-
-    def kl(self, mu: Tensor, logvar: Tensor, z: Tensor, encode: Callable) -> Tensor:
-        return gaussian_log_density(z, mu, logvar) - self.log_prob(z, encode)
+    def page_mixture(self, latent_dim: int, encode: Callable) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.zeros(1, latent_dim), torch.zeros(1, latent_dim), torch.zeros(1)
 
 
-class MixtureOfGaussians(_MonteCarloKL):
+@PRIORS.register("mog")
+class MixtureOfGaussians(Prior):
     """p(z) = sum_k pi_k N(mu_k, diag(sigma_k^2)): K learned components (means drawn N(0, I), unit
     variances and equal weights at the start)."""
 
-    name = "mog"
+    name, uses_components = "mog", True
 
-    def __init__(self, latent_dim: int, components: int) -> None:
-        super().__init__()
+    def __init__(self, input_dim: int, latent_dim: int, components: int) -> None:
+        super().__init__(input_dim, latent_dim, components)
         self.means = nn.Parameter(torch.randn(components, latent_dim))
         self.logvars = nn.Parameter(torch.zeros(components, latent_dim))
         self.logits = nn.Parameter(torch.zeros(components))
@@ -96,15 +133,19 @@ class MixtureOfGaussians(_MonteCarloKL):
         means, logvars = self.means.detach().float().to(device), self.logvars.detach().float().to(device)
         return means[k] + torch.exp(0.5 * logvars[k]) * eps
 
+    def page_mixture(self, latent_dim: int, encode: Callable) -> tuple[Tensor, Tensor, Tensor]:
+        return self.means.detach(), self.logvars.detach(), torch.log_softmax(self.logits.detach().float(), 0)
 
-class VampPrior(_MonteCarloKL):
+
+@PRIORS.register("vamp")
+class VampPrior(Prior):
     """p(z) = 1/K sum_k q(z | u_k) for K learned pseudo-inputs u_k (Tomczak & Welling 2018), each a
     learned image through hardtanh(0, 1), started at N(0.05, 0.01) per pixel as in the paper's code."""
 
-    name = "vamp"
+    name, uses_components = "vamp", True
 
-    def __init__(self, input_dim: int, components: int) -> None:
-        super().__init__()
+    def __init__(self, input_dim: int, latent_dim: int, components: int) -> None:
+        super().__init__(input_dim, latent_dim, components)
         self.raw_inputs = nn.Parameter(torch.empty(components, input_dim).normal_(0.05, 0.01))
 
     def pseudo_inputs(self) -> Tensor:
@@ -123,15 +164,11 @@ class VampPrior(_MonteCarloKL):
         eps = torch.randn(n, latent_dim, generator=generator, device=device)
         return means[k] + torch.exp(0.5 * logvars[k]) * eps
 
+    @torch.no_grad()
+    def page_mixture(self, latent_dim: int, encode: Callable) -> tuple[Tensor, Tensor, Tensor]:
+        means, logvars = encode(self.pseudo_inputs())
+        return means, logvars, torch.full((len(means),), -math.log(len(means)))
 
-PRIORS = ("normal", "mog", "vamp")
 
-
-def build_prior(name: str, input_dim: int, latent_dim: int, components: int) -> nn.Module:
-    if name not in PRIORS:
-        raise ValueError(f"model.prior={name!r} is not one of {', '.join(PRIORS)}")
-    if name != "normal" and not (isinstance(components, int) and components >= 1):
-        raise ValueError(f"model.prior_components={components!r} must be an integer >= 1")
-    if name == "mog":
-        return MixtureOfGaussians(latent_dim, components)
-    return VampPrior(input_dim, components) if name == "vamp" else StandardNormal()
+def build_prior(name: str, input_dim: int, latent_dim: int, components: int) -> Prior:
+    return PRIORS.get(name)(input_dim, latent_dim, components)

@@ -12,10 +12,11 @@ from vae_lightning.building import build, load_trained, trained_data
 from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.explorer import write_report
+from vae_lightning.plugin_configs import CONFIG_PATH
 from vae_lightning.results import refuse
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
 def main(cfg: DictConfig) -> None:
     try:
         if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:

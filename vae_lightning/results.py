@@ -10,8 +10,9 @@ from typing import Any, NoReturn
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from vae_lightning.likelihoods import LIKELIHOODS
 from vae_lightning.mlflow_logger import RUN_FILES, mlflow_loggers
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL, WALL_SECONDS
 from vae_lightning.nets import net_label
@@ -36,13 +37,13 @@ DENSITY_NOTE = (
     "{support} (nats per image, so it can be negative): comparable with other densities of the same pixels, not "
     "with a Bernoulli's number nor with the NLL of binarized MNIST that papers report"
 )
-SUPPORT = {"continuous_bernoulli": "[0, 1] per pixel", "gaussian": "the real line per pixel"}
 
 
-def likelihood_note(metrics: dict[str, Any], likelihood: str = "bernoulli") -> str:
+def likelihood_note(metrics: dict[str, Any], likelihood: str) -> str:
     """What ``test/iw_nll`` means under the run's protocol (``binarize`` in ``metrics``) and likelihood."""
-    if likelihood in SUPPORT:
-        return DENSITY_NOTE.format(likelihood=likelihood.replace("_", " "), support=SUPPORT[likelihood])
+    support = LIKELIHOODS.get(likelihood).density_support
+    if support is not None:
+        return DENSITY_NOTE.format(likelihood=likelihood.replace("_", " "), support=support)
     return CONTINUOUS_NOTE if metrics.get("binarize", "none") == "none" else BINARIZED_NOTE
 
 
@@ -66,20 +67,15 @@ OUTPUT_FILES = {
 
 
 def hyperparameters(cfg: DictConfig) -> dict[str, float | int | str]:
-    """The settings a sweep varies, flat, for TensorBoard's HPARAMS view."""
+    """The settings a sweep varies, flat, for TensorBoard's HPARAMS view: the model's every plain
+    setting (an objective's own included), its net in a few words, and the run's data and trainer."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    plain = {k: v for k, v in model.items() if not k.startswith("_") and isinstance(v, bool | int | float | str)}
     return {
-        "latent_dim": cfg.model.latent_dim,
+        **plain,
         "net": net_label(cfg.model.net),
-        "likelihood": cfg.model.get("likelihood", "bernoulli"),
-        "prior": cfg.model.get("prior", "normal"),
-        "lr": cfg.model.lr,
-        "init": cfg.model.init,
-        "objective": cfg.model.get("objective", "elbo"),
-        "k": cfg.model.get("k", 1),
-        "beta": cfg.model.get("beta", 1.0),
-        "kl_warmup_epochs": cfg.model.get("kl_warmup_epochs", 0),
-        "dataset": cfg.data.get("dataset", "mnist"),
-        "binarize": cfg.data.get("binarize", "none"),
+        "dataset": cfg.data.dataset,
+        "binarize": cfg.data.binarize,
         "batch_size": cfg.data.batch_size,
         "max_epochs": cfg.trainer.max_epochs,
         "precision": str(cfg.trainer.precision),
@@ -98,7 +94,7 @@ def record(cfg: DictConfig, metrics: dict[str, Any], loggers: list) -> None:
     """Write ``metrics.json`` and the HPARAMS view of a finished run."""
     out = Path(cfg.paths.output_dir)
     if IW_NLL in metrics:
-        metrics["note"] = likelihood_note(metrics, cfg.model.get("likelihood", "bernoulli"))
+        metrics["note"] = likelihood_note(metrics, cfg.model.likelihood)
     write_json(out / "metrics.json", metrics)
     for tb in (lg for lg in loggers if isinstance(lg, TensorBoardLogger)):
         tb.log_hyperparams(hyperparameters(cfg), {f"hp/{k}": metrics[k] for k in FINAL_METRICS if k in metrics})

@@ -14,14 +14,13 @@ from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.checks import checkpoint_module
 from vae_lightning.errors import UserError
 from vae_lightning.model import vae_settings_from_hparams
-from vae_lightning.module import TRAINING_KEYS
+from vae_lightning.module import training_settings_from_hparams
 from vae_lightning.nets import net_label, net_settings
 from vae_lightning.outputs import read_json
 from vae_lightning.results import run_finished
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state); fused_adam and init change nothing that is saved
-CHECKED_TRAINING_KEYS = tuple(k for k in TRAINING_KEYS if k != "fused_adam")
 
 
 @dataclass(frozen=True)
@@ -100,8 +99,10 @@ def keep_run_model(ckpt: Path, checkpoint: dict, model_cfg: DictConfig, named: s
     saved_vae = vae_settings_from_hparams(saved)
     shape = ("input_dim", "latent_dim", "likelihood", "prior", "prior_components")
     now = {"net": net_settings(model_cfg.net), **{key: model_cfg[key] for key in shape if key in model_cfg}}
-    now.update({key: model_cfg[key] for key in CHECKED_TRAINING_KEYS if key in model_cfg})
-    was = {**saved_vae, **{key: saved[key] for key in CHECKED_TRAINING_KEYS if _plain(saved.get(key))}}
+    # the training settings, its objective's included (fused Adam changes no number)
+    training = {k: v for k, v in training_settings_from_hparams(saved).items() if k != "fused_adam" and _plain(v)}
+    now.update({key: model_cfg[key] for key in training if key in model_cfg})
+    was = {**saved_vae, **training}
     if was.get("prior") == "normal":  # the number of components means nothing without them
         now.pop("prior_components", None)
     differ = [key for key in now if key in was and was[key] != now[key]]

@@ -26,6 +26,7 @@ from vae_lightning.launch import end_process_group, processes, slurm_restarts
 from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.names import TRAIN_SECONDS, WALL_SECONDS
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
+from vae_lightning.plugin_configs import CONFIG_PATH
 from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
 from vae_lightning.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
 from vae_lightning.rundir import forget_continuation, hold_run_dir, release_run_dir, requeued_ckpt_path
@@ -109,7 +110,7 @@ def train(cfg: DictConfig, planned: tuple[Resume, dict | None]) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_disk_errors_in_threads()
     route_lightning_logs()
