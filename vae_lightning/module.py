@@ -168,9 +168,7 @@ class VAEModule(L.LightningModule):
         if trainer is None:
             return Progress()
         steps = trainer.num_training_batches
-        steps = steps if isinstance(steps, int) and steps > 0 else 1  # (inf before fitting starts)
-        train = getattr(trainer.datamodule, "train_x", None)
-        return Progress(self.global_step, steps, len(train) if train is not None else 1)
+        return Progress(self.global_step, steps if isinstance(steps, int) and steps > 0 else 1)  # (inf before fit)
 
     def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
         graph_loss, terms = self.objective.batch(self.model, x, noise, self.progress())

@@ -28,12 +28,10 @@ NEUTRAL = {"beta": 1.0, "kl_warmup_epochs": 0, "k": 1}
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training is, for schedules and estimators: optimizer steps taken, steps per epoch,
-    and the training images (a dataset-size estimator's N)."""
+    """Where training is, for schedules: optimizer steps taken, and steps per epoch."""
 
     step: int = 0
     steps_per_epoch: int = 1
-    dataset_size: int = 1
 
 
 class Objective:
