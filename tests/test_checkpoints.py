@@ -169,7 +169,7 @@ def wrong_kinds_of_file(real: Path, folder: Path) -> dict[str, tuple[Path, str]]
     next(iter(nan["state_dict"].values())).fill_(float("nan"))
     save("nan_weights.ckpt", nan, "are not finite")
     for key, value, says in (("latent_dim", "20", "model.latent_dim='20' must be an integer"),
-                             ("objective", "nonsense", "model.objective='nonsense' is not one of"),
+                             ("objective", "nonsense", "the objective 'nonsense', which no installed package provides"),
                              # a string OmegaConf would resolve stays a string: the refusal quotes it
                              ("init", "${oc.env:HOME}", "model.init='${oc.env:HOME}' is not one of"),
                              ("lr", "${oc.env:HOME}", "model.lr='${oc.env:HOME}' must be a number > 0")):  # fmt: skip
