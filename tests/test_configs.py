@@ -143,7 +143,7 @@ def test_a_config_hydra_cannot_compose_is_one_line_with_the_nearest_name(tmp_pat
     commands = {
         (train, "model.latentdim=3"): "model.latentdim is not a setting; did you mean model.latent_dim?",
         (train, "max_epochs=3"): "max_epochs is not a setting; did you mean trainer.max_epochs?",
-        (train, "model=convv"): "model=convv is not a preset; did you mean model=conv? the presets of model: burda,",
+        (train, "model=convv"): "model=convv is not a preset; did you mean model=conv? the presets of model: beta",
         (train, "-m", "seed=0,1", "model.lr"): "could not read an override (Error parsing override 'model.lr'",
         (evaluate, "ckpt_path=x", "kk=3"): "kk is not a setting; did you mean eval.k?",
         (train, "model.net=[1,2]"): "Error merging override model.net=[1,2]; Cannot merge DictConfig with ListConfig",

@@ -22,8 +22,11 @@ __all__ = ["OBJECTIVES", "Objective", "elbo_terms", "iwae_terms", "log_importanc
 # bound), -log p(x|z) and the KL; so runs of any objective sit side by side in every table
 BOUND_TERMS = ("loss", "rec", "kl")
 # the shared settings (conf/model/vae.yaml) at the values where they change nothing: an objective
-# that does not read one refuses any other value of it
+# that does not read beta or kl_warmup_epochs refuses any other value (one would think it weighs the
+# KL); k is left to the objectives that read it, the others draw one z per image (so that a sweep
+# model.objective=elbo,iwae model.k=5 compares the two)
 NEUTRAL = {"beta": 1.0, "kl_warmup_epochs": 0, "k": 1}
+IGNORED_WHEN_UNREAD = ("k",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Objective:
 
     def __init__(self, **settings: Any) -> None:
         for key, value in settings.items():
+            if key in IGNORED_WHEN_UNREAD and key not in self.reads:
+                continue
             if key not in self.reads and key in NEUTRAL and value != NEUTRAL[key]:
                 raise ValueError(f"model.{key}={value} is not read by objective={self.name} (it reads "
                                  f"{', '.join(self.reads) or 'no setting'}); leave it at {NEUTRAL[key]}")  # fmt: skip
