@@ -14,9 +14,9 @@ import time
 import torch
 from epoch_speed import bare_loss
 
-from vae_lightning.data import binarize
-from vae_lightning.datasets import default_data_dir, load_split
-from vae_lightning.model import VAE
+from vae_lightning.data.datamodule import binarize
+from vae_lightning.data.datasets import default_data_dir, load_split
+from vae_lightning.model.vae import VAE
 
 
 def main() -> None:

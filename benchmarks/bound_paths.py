@@ -17,10 +17,10 @@ import statistics
 import torch
 from epoch_speed import interleaved, machine
 
-import vae_lightning.bound as bound_module
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.datasets import default_data_dir, load_split
-from vae_lightning.model import VAE
+import vae_lightning.model.bound as bound_module
+from vae_lightning.data.datasets import default_data_dir, load_split
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.vae import VAE
 
 
 def main() -> None:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from epoch_speed import interleaved, machine
 
-import vae_lightning.bound as bound_module
-import vae_lightning.nets as nets
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.building import load_trained
-from vae_lightning.data import MNISTDataModule
-from vae_lightning.model import VAE
-from vae_lightning.nets import ConvDecoder
+import vae_lightning.model.bound as bound_module
+import vae_lightning.model.nets as nets
+from vae_lightning.data.datamodule import MNISTDataModule
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.nets import ConvDecoder
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import load_trained
 
 
 def default_layout(decoder: ConvDecoder, z: torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.building import build_run
-from vae_lightning.data import tensor_loader
-from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split
+from vae_lightning.data.datamodule import tensor_loader
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset, load_split
 from vae_lightning.errors import DataError
-from vae_lightning.model import VAE
-from vae_lightning.objectives import elbo_terms
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.objectives import elbo_terms
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import build_run
 from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from epoch_speed import machine
 
-from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split
-from vae_lightning.likelihoods import Bernoulli, ContinuousBernoulli, bce_from_logits
-from vae_lightning.model import VAE
-from vae_lightning.objectives import elbo_terms
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset, load_split
+from vae_lightning.model.likelihoods import Bernoulli, ContinuousBernoulli, bce_from_logits
+from vae_lightning.model.objectives import elbo_terms
+from vae_lightning.model.vae import VAE
 
 
 def library_bce(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import pstats
 import torch
 from epoch_speed import project_epochs
 
-from vae_lightning.datasets import default_data_dir, ensure_dataset
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset
 
 
 def is_torch_kernel(function: tuple[str, int, str]) -> bool:

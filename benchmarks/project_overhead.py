@@ -26,8 +26,8 @@ from epoch_speed import bare_loss, machine, project_epochs
 from lightning.pytorch.callbacks import Checkpoint, EarlyStopping
 from lightning.pytorch.trainer import call
 
-from vae_lightning.datasets import default_data_dir, ensure_dataset
-from vae_lightning.module import VAEModule
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset
+from vae_lightning.training.module import VAEModule
 from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 PER_BATCH_HOOKS = ("batch", "backward", "optimizer_step", "zero_grad")

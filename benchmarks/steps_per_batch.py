@@ -21,10 +21,10 @@ from epoch_speed import EpochTimer, bare_loop_epochs
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from vae_lightning.building import build_run
-from vae_lightning.callbacks import TrainingHistory
-from vae_lightning.datasets import default_data_dir, ensure_dataset
-from vae_lightning.module import VAEModule
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset
+from vae_lightning.runs.building import build_run
+from vae_lightning.training.callbacks import TrainingHistory
+from vae_lightning.training.module import VAEModule
 
 REPO_CONF = str(Path(__file__).resolve().parents[1] / "conf")
 BATCH = 128

@@ -8,7 +8,7 @@ import pytest
 from filelock import FileLock
 from helpers import TRAINED_EPOCHS, run_cli
 
-from vae_lightning.datasets import default_data_dir, ensure_dataset
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset
 from vae_lightning.errors import DataError
 
 

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vae_lightning.checkpoints import load_checkpoint
+from vae_lightning.training.checkpoints import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import run_cli, run_in_one_interpreter
 
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.model import VAE
-from vae_lightning.module import VAEModule
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import module_from_checkpoint
+from vae_lightning.training.checkpoints import AtomicCheckpointIO, find_checkpoint, load_checkpoint
+from vae_lightning.training.module import VAEModule
 
 
 class CreatesAFile:
@@ -133,7 +133,7 @@ def test_the_reference_notebooks_state_dict_is_evaluated_as_is(tmp_path):
 def test_a_checkpoints_strings_are_data_not_config(tmp_path, monkeypatch):
     from helpers import compose_config
 
-    from vae_lightning.building import trained_data
+    from vae_lightning.runs.building import trained_data
 
     monkeypatch.setenv("VAE_TEST_SECRET", "do-not-print")
     data_cfg = compose_config("eval", tmp_path, "ckpt_path=x").data

@@ -9,10 +9,10 @@ import torch
 from helpers import CONF_DIR, compose_config, compose_train, run_in_one_interpreter
 from omegaconf import OmegaConf
 
-from vae_lightning.building import build
-from vae_lightning.checks import check_hardware, check_new_keys, validate_config
 from vae_lightning.errors import UserError
-from vae_lightning.evaluation import Evaluation
+from vae_lightning.runs.building import build
+from vae_lightning.runs.checks import check_hardware, check_new_keys, validate_config
+from vae_lightning.training.evaluation import Evaluation
 from vae_lightning.workarounds import skip_nvml_probe_without_gpu
 
 

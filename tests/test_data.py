@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from vae_lightning.data import MNISTDataModule, tensor_loader
-from vae_lightning.datasets import MNIST_FILES, ensure_dataset
+from vae_lightning.data.datamodule import MNISTDataModule, tensor_loader
+from vae_lightning.data.datasets import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError
 from vae_lightning.outputs import describe_disk_error
 

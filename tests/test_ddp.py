@@ -9,10 +9,10 @@ import torch
 from helpers import REPO, brief_run, compose_train, epoch_rows, load_checkpoint, run_cli
 from mlflow.tracking import MlflowClient
 
-from vae_lightning.building import build
-from vae_lightning.data import MNISTDataModule
+from vae_lightning.data.datamodule import MNISTDataModule
 from vae_lightning.launch import processes
-from vae_lightning.module import VAEModule
+from vae_lightning.runs.building import build
+from vae_lightning.training.module import VAEModule
 
 
 @pytest.mark.slow

@@ -7,10 +7,10 @@ import pytest
 from helpers import compose_config, run_cli
 from PIL import Image
 
-from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
 from vae_lightning.eval import run
-from vae_lightning.plots import GRID_LEFT, GRID_TOP
+from vae_lightning.figures.plots import GRID_LEFT, GRID_TOP
+from vae_lightning.training.checkpoints import find_checkpoint
 
 KEYS = {"test/rec", "test/kl", "test/loss", "test/iw_nll", "test/active_units", "k", "latent_dim", "checkpoint", "note"}
 

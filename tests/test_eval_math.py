@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from vae_lightning.bound import active_units, iw_log_likelihood
-from vae_lightning.checkpoints import load_checkpoint
-from vae_lightning.model import VAE
-from vae_lightning.objectives import elbo_terms
-from vae_lightning.plots import latent_scatter
+from vae_lightning.figures.plots import latent_scatter
+from vae_lightning.model.bound import active_units, iw_log_likelihood
+from vae_lightning.model.objectives import elbo_terms
+from vae_lightning.model.vae import VAE
+from vae_lightning.training.checkpoints import load_checkpoint
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ def test_the_latent_scatter_is_drawn_for_any_latent_size(latent_dim):
 
 
 def test_principal_directions_are_the_svds_and_stay_cheap_for_a_huge_latent_space(monkeypatch):
-    from vae_lightning import pca
+    from vae_lightning.figures import pca
 
     g = torch.Generator().manual_seed(0)
     points = torch.randn(3000, 3, generator=g) * torch.tensor([30.0, 20.0, 10.0]) @ torch.randn(3, 2000, generator=g)
@@ -162,8 +162,8 @@ def test_a_long_bound_stopped_midway_continues_where_it_was_and_equals_the_unint
 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from vae_lightning import evaluation
-    from vae_lightning.evaluation import Evaluation
+    from vae_lightning.training import evaluation
+    from vae_lightning.training.evaluation import Evaluation
 
     torch.manual_seed(0)
     model = VAE({"hidden": [16]}, latent_dim=3).eval()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import run_cli
 
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.export import export
-from vae_lightning.model import VAE
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import module_from_checkpoint
+from vae_lightning.training.checkpoints import find_checkpoint
 
 
 @pytest.fixture

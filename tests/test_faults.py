@@ -32,10 +32,10 @@ from helpers import (
     wait_until,
 )
 
-from vae_lightning.building import build_run
-from vae_lightning.checkpoints import AtomicCheckpointIO
-from vae_lightning.datasets import MNIST_FILES, ensure_dataset
+from vae_lightning.data.datasets import MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError, DivergenceError
+from vae_lightning.runs.building import build_run
+from vae_lightning.training.checkpoints import AtomicCheckpointIO
 
 
 @pytest.mark.slow
@@ -497,7 +497,7 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_whole(tmp_path):
 mount -t tmpfs -o size=12m tmpfs $mnt
 {sys.executable} - > $out/result 2>&1 <<PY
 import torch
-from vae_lightning.checkpoints import AtomicCheckpointIO
+from vae_lightning.training.checkpoints import AtomicCheckpointIO
 AtomicCheckpointIO().save_checkpoint({{"epoch": 0, "w": torch.ones(2_000_000)}}, "$mnt/last.ckpt")  # 8 MB
 try:
     AtomicCheckpointIO().save_checkpoint({{"epoch": 1, "w": torch.zeros(2_000_000)}}, "$mnt/last.ckpt")

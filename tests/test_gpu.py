@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import SHORT, compose_train, epoch_rows, kill_early_in_epoch_2, run_cli, same_weights
 
-from vae_lightning.building import build_run
+from vae_lightning.runs.building import build_run
 
 pytestmark = [
     pytest.mark.gpu,

@@ -11,22 +11,22 @@ import torch
 from helpers import brief_run
 from test_report import canvas, open_report, python_decode
 
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.datasets import load_split
+from vae_lightning.data.datasets import load_split
 from vae_lightning.export import export
-from vae_lightning.likelihoods import LIKELIHOODS, ContinuousBernoulli, Gaussian
-from vae_lightning.model import VAE
-from vae_lightning.module import VAEModule
-from vae_lightning.names import current_name
-from vae_lightning.objectives import elbo_terms, iwae_terms
-from vae_lightning.priors import (
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.likelihoods import LIKELIHOODS, ContinuousBernoulli, Gaussian
+from vae_lightning.model.objectives import elbo_terms, iwae_terms
+from vae_lightning.model.priors import (
     PRIORS,
     gaussian_log_density,
     kl_divergence,
     mixture_log_density,
     standard_normal_log_density,
 )
+from vae_lightning.model.vae import VAE
+from vae_lightning.names import current_name
+from vae_lightning.runs.building import module_from_checkpoint
+from vae_lightning.training.module import VAEModule
 
 D = torch.distributions
 
@@ -158,7 +158,7 @@ def test_a_vampprior_with_a_continuous_bernoulli_through_the_cli_report_and_expo
     assert errors == []
     from safetensors.torch import load_file
 
-    from vae_lightning.checkpoints import find_checkpoint
+    from vae_lightning.training.checkpoints import find_checkpoint
 
     vae = module_from_checkpoint(find_checkpoint(tmp_path, "best")).model.eval()
     export(vae, tmp_path / "st", "safetensors")

@@ -5,10 +5,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae_lightning.likelihoods import bce_from_logits
-from vae_lightning.model import VAE, init_weights
-from vae_lightning.objectives import elbo_terms
-from vae_lightning.priors import kl_divergence
+from vae_lightning.model.likelihoods import bce_from_logits
+from vae_lightning.model.objectives import elbo_terms
+from vae_lightning.model.priors import kl_divergence
+from vae_lightning.model.vae import VAE, init_weights
 
 
 class ReferenceVAE(nn.Module):

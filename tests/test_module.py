@@ -3,11 +3,11 @@ import pytest
 import torch
 from torchmetrics import MeanMetric
 
-from vae_lightning.data import tensor_loader
-from vae_lightning.likelihoods import bce_from_logits
-from vae_lightning.model import VAE
-from vae_lightning.module import PerImageMean, VAEModule
-from vae_lightning.priors import kl_divergence
+from vae_lightning.data.datamodule import tensor_loader
+from vae_lightning.model.likelihoods import bce_from_logits
+from vae_lightning.model.priors import kl_divergence
+from vae_lightning.model.vae import VAE
+from vae_lightning.training.module import PerImageMean, VAEModule
 
 
 def _trainer() -> L.Trainer:

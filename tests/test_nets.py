@@ -11,13 +11,13 @@ from helpers import brief_run, run_cli
 from test_report import canvas, open_report, python_decode
 from torch import nn
 
-from vae_lightning import bound
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.export import export
-from vae_lightning.model import VAE
-from vae_lightning.nets import NETS, conv_transpose_by_fold, net_label, net_settings
+from vae_lightning.model import bound
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.nets import NETS, conv_transpose_by_fold, net_label, net_settings
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import module_from_checkpoint
+from vae_lightning.training.checkpoints import find_checkpoint
 
 NET_SETTINGS = {
     "reference": {"name": "mlp", "hidden": [400], "activation": "relu"},

@@ -12,14 +12,14 @@ import pytest
 import torch
 from helpers import compose_train
 
-from vae_lightning.callbacks import TrainingHistory
-from vae_lightning.data import tensor_loader
-from vae_lightning.explorer import report_html
-from vae_lightning.likelihoods import Bernoulli
-from vae_lightning.model import VAE
-from vae_lightning.module import VAEModule, training_settings_from_hparams
-from vae_lightning.objectives import OBJECTIVES, Progress
-from vae_lightning.objectives.beta_tcvae import total_correlation
+from vae_lightning.data.datamodule import tensor_loader
+from vae_lightning.figures.explorer import report_html
+from vae_lightning.model.likelihoods import Bernoulli
+from vae_lightning.model.objectives import OBJECTIVES, Progress
+from vae_lightning.model.objectives.beta_tcvae import total_correlation
+from vae_lightning.model.vae import VAE
+from vae_lightning.training.callbacks import TrainingHistory
+from vae_lightning.training.module import VAEModule, training_settings_from_hparams
 
 
 def test_free_bits_leaves_every_dimension_below_its_floor_ungraded():

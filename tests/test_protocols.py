@@ -12,16 +12,16 @@ import pytest
 import torch
 from helpers import brief_run, run_cli
 
-from vae_lightning.bound import iw_log_likelihood
-from vae_lightning.building import load_trained, module_from_checkpoint
-from vae_lightning.checkpoints import find_checkpoint
-from vae_lightning.data import MNISTDataModule, binarize
-from vae_lightning.datasets import FASHION_MNIST_FILES, ensure_dataset
+from vae_lightning.data.datamodule import MNISTDataModule, binarize
+from vae_lightning.data.datasets import FASHION_MNIST_FILES, ensure_dataset
 from vae_lightning.errors import DataError
-from vae_lightning.model import VAE
-from vae_lightning.module import VAEModule
-from vae_lightning.objectives import elbo_terms, iwae_terms, log_importance_weights
-from vae_lightning.sweep import summarise
+from vae_lightning.model.bound import iw_log_likelihood
+from vae_lightning.model.objectives import elbo_terms, iwae_terms, log_importance_weights
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import load_trained, module_from_checkpoint
+from vae_lightning.runs.sweep import summarise
+from vae_lightning.training.checkpoints import find_checkpoint
+from vae_lightning.training.module import VAEModule
 
 
 def _datamodule(mnist_dir, binarize: str, seed: int = 0, val_split: int = 0) -> MNISTDataModule:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import brief_run, run_cli
 
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.data import MNISTDataModule
-from vae_lightning.explorer import MAX_SLIDERS, explorer_data, report_html
-from vae_lightning.model import VAE
+from vae_lightning.data.datamodule import MNISTDataModule
+from vae_lightning.figures.explorer import MAX_SLIDERS, explorer_data, report_html
+from vae_lightning.model.vae import VAE
+from vae_lightning.runs.building import module_from_checkpoint
 
 
 def open_report(browser, run_dir: Path):

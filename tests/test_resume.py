@@ -7,8 +7,8 @@ from helpers import CONF_DIR
 from hydra import compose, initialize_config_dir
 
 from vae_lightning.errors import UserError
-from vae_lightning.resume import changed_data_settings, plan_resume, resolve
-from vae_lightning.rundir import RunDir
+from vae_lightning.runs.resume import changed_data_settings, plan_resume, resolve
+from vae_lightning.runs.rundir import RunDir
 
 
 def run_to_continue(ckpt_path, log_dir):

@@ -6,7 +6,7 @@ import pytest
 from helpers import run_cli
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from vae_lightning.sweep import summarise
+from vae_lightning.runs.sweep import summarise
 from vae_lightning.workarounds import hydra_quoted
 
 

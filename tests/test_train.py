@@ -14,7 +14,7 @@ from helpers import free_port, load_checkpoint, read_scalars
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from vae_lightning.tracking import CURVES, curves_url
+from vae_lightning.tracking.tensorboard import CURVES, curves_url
 
 STEPS_PER_EPOCH = 469  # ceil(60000 / 128): the reference notebook keeps the last partial batch
 

@@ -14,13 +14,13 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.building import build, load_trained, trained_data
-from vae_lightning.checkpoints import find_checkpoint
-from vae_lightning.checks import validate_config
 from vae_lightning.errors import UserError
 from vae_lightning.outputs import describe_disk_error, write_json
 from vae_lightning.plugin_configs import CONFIG_PATH
-from vae_lightning.results import likelihood_note, refuse, report_lines
+from vae_lightning.runs.building import build, load_trained, trained_data
+from vae_lightning.runs.checks import validate_config
+from vae_lightning.runs.results import likelihood_note, refuse, report_lines
+from vae_lightning.training.checkpoints import find_checkpoint
 
 
 def eval_device(device: str) -> torch.device:

@@ -12,12 +12,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from vae_lightning.building import module_from_checkpoint
-from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.model import VAE
+from vae_lightning.model.vae import VAE
 from vae_lightning.plugin_configs import CONFIG_PATH
-from vae_lightning.results import refuse
+from vae_lightning.runs.building import module_from_checkpoint
+from vae_lightning.runs.results import refuse
+from vae_lightning.training.checkpoints import find_checkpoint
 from vae_lightning.workarounds import quiet_onnx_exporter
 
 FORMATS = ("onnx", "torchscript", "safetensors")

@@ -8,12 +8,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.building import build, load_trained, trained_data
-from vae_lightning.checkpoints import find_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.explorer import write_report
+from vae_lightning.figures.explorer import write_report
 from vae_lightning.plugin_configs import CONFIG_PATH
-from vae_lightning.results import refuse
+from vae_lightning.runs.building import build, load_trained, trained_data
+from vae_lightning.runs.results import refuse
+from vae_lightning.training.checkpoints import find_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")

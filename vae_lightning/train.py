@@ -15,21 +15,21 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vae_lightning import stopping
-from vae_lightning.building import build_run, continued_data
-from vae_lightning.callbacks import last_epoch_metrics, stop_requested, training_seconds
-from vae_lightning.checkpoints import check_finite, hand_over, load_checkpoint, saved_progress
-from vae_lightning.checks import check_new_keys
 from vae_lightning.errors import UserError
-from vae_lightning.explorer import write_report
+from vae_lightning.figures.explorer import write_report
 from vae_lightning.launch import end_process_group, processes, slurm_restarts
-from vae_lightning.mlflow_logger import mlflow_loggers
 from vae_lightning.names import TRAIN_SECONDS, WALL_SECONDS
 from vae_lightning.outputs import describe_disk_error, quiet_disk_errors_in_threads, write_json
 from vae_lightning.plugin_configs import CONFIG_PATH
-from vae_lightning.results import announce, discard_if_unstarted, record, record_failure, send_outputs
-from vae_lightning.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
-from vae_lightning.rundir import forget_continuation, hold_run_dir, release_run_dir, requeued_ckpt_path
+from vae_lightning.runs.building import build_run, continued_data
+from vae_lightning.runs.checks import check_new_keys
+from vae_lightning.runs.results import announce, discard_if_unstarted, record, record_failure, send_outputs
+from vae_lightning.runs.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
+from vae_lightning.runs.rundir import forget_continuation, hold_run_dir, release_run_dir, requeued_ckpt_path
+from vae_lightning.tracking.mlflow_logger import mlflow_loggers
+from vae_lightning.training import stopping
+from vae_lightning.training.callbacks import last_epoch_metrics, stop_requested, training_seconds
+from vae_lightning.training.checkpoints import check_finite, hand_over, load_checkpoint, saved_progress
 from vae_lightning.workarounds import hand_ddp_this_job_alone, route_lightning_logs
 
 log = logging.getLogger(__name__)

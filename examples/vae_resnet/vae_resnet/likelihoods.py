@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.likelihoods import Likelihood, at_least_fp32
+from vae_lightning.model.likelihoods import Likelihood, at_least_fp32
 
 
 class Laplace(Likelihood):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.nets import NetPair
+from vae_lightning.model.nets import NetPair
 
 
 class ResidualBlock(nn.Module):

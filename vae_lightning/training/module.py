@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from vae_lightning.model import VAE, vae_settings_from_hparams
+from vae_lightning.model.objectives import OBJECTIVES, Objective, Progress
+from vae_lightning.model.vae import VAE, vae_settings_from_hparams
 from vae_lightning.names import STAGES, metric
-from vae_lightning.objectives import OBJECTIVES, Objective, Progress
 
 FUSED_ADAM_DEVICES = ("cpu", "cuda", "mps", "xpu")
 # the test pass draws its z from its own generator with this seed: the same weights get the same

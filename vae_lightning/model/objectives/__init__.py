@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vae_lightning.model import VAE
-from vae_lightning.objectives.terms import elbo_terms, iwae_terms, log_importance_weights
+from vae_lightning.model.objectives.terms import elbo_terms, iwae_terms, log_importance_weights
+from vae_lightning.model.vae import VAE
 from vae_lightning.registry import Registry
 
 __all__ = ["OBJECTIVES", "Objective", "elbo_terms", "iwae_terms", "log_importance_weights", "BOUND_TERMS"]
@@ -130,4 +130,4 @@ class Iwae(Objective):
 
 
 # each further objective registers itself in its own file
-from vae_lightning.objectives import beta_tcvae, free_bits  # noqa: E402, F401
+from vae_lightning.model.objectives import beta_tcvae, free_bits  # noqa: E402, F401

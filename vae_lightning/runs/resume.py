@@ -10,14 +10,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.checkpoints import find_checkpoint
-from vae_lightning.checks import checkpoint_module
 from vae_lightning.errors import UserError
-from vae_lightning.model import vae_settings_from_hparams
-from vae_lightning.module import training_settings_from_hparams
-from vae_lightning.nets import net_label, net_settings
+from vae_lightning.model.nets import net_label, net_settings
+from vae_lightning.model.vae import vae_settings_from_hparams
 from vae_lightning.outputs import read_json
-from vae_lightning.results import run_finished
+from vae_lightning.runs.checks import checkpoint_module
+from vae_lightning.runs.results import run_finished
+from vae_lightning.training.checkpoints import find_checkpoint
+from vae_lightning.training.module import training_settings_from_hparams
 
 # a checkpoint continued with other values would fail to load (sizes) or silently keep its own
 # (the learning rate is part of Adam's restored state); fused_adam and init change nothing that is saved

@@ -14,14 +14,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Timer
 from omegaconf import DictConfig
 
-from vae_lightning.checkpoints import check_finite, load_checkpoint
-from vae_lightning.checks import check_hardware, checkpoint_module, validate_config
-from vae_lightning.data import BINARIZE, MNISTDataModule
-from vae_lightning.datasets import SOURCES
+from vae_lightning.data.datamodule import BINARIZE, MNISTDataModule
+from vae_lightning.data.datasets import SOURCES
 from vae_lightning.errors import UserError
 from vae_lightning.launch import threads_for_this_run
-from vae_lightning.mlflow_logger import mlflow_loggers
-from vae_lightning.module import VAEModule
+from vae_lightning.runs.checks import check_hardware, checkpoint_module, validate_config
+from vae_lightning.tracking.mlflow_logger import mlflow_loggers
+from vae_lightning.training.checkpoints import check_finite, load_checkpoint
+from vae_lightning.training.module import VAEModule
 from vae_lightning.workarounds import datamodule_state, skip_nvml_probe_without_gpu, without_lightning_requeue
 
 

@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from vae_lightning.callbacks import TrainingHistory
 from vae_lightning.errors import UserError
-from vae_lightning.mlflow_sender import MetricSender
-from vae_lightning.mlflow_store import (
+from vae_lightning.names import step_metric
+from vae_lightning.tracking.mlflow_sender import MetricSender
+from vae_lightning.tracking.mlflow_store import (
     EXPERIMENT,
     RUN_DIR_TAG,
     bounded_and_quiet,
@@ -34,7 +34,7 @@ from vae_lightning.mlflow_store import (
     store,
     sweep_parent,
 )
-from vae_lightning.names import step_metric
+from vae_lightning.training.callbacks import TrainingHistory
 
 BATCH = 1000  # MLflow's limit of metrics in one log_batch request
 # what a finished run sends, beside the figures (*.png)

@@ -16,10 +16,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
-from vae_lightning.mlflow_store import close_sweep_run, open_sweep_run
 from vae_lightning.names import SEED_METRICS, SUMMARY_COLUMNS, current_name
 from vae_lightning.outputs import read_json, read_overrides
-from vae_lightning.results import run_finished
+from vae_lightning.runs.results import run_finished
+from vae_lightning.tracking.mlflow_store import close_sweep_run, open_sweep_run
 from vae_lightning.workarounds import read_submitit_jobs_without_a_result, set_for_every_job
 
 

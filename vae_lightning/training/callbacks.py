@@ -14,12 +14,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torchvision.utils import save_image
 
-from vae_lightning import stopping
-from vae_lightning.checkpoints import saved_progress
 from vae_lightning.errors import DivergenceError
+from vae_lightning.figures.plots import loss_curves, sample_grid, upscale
 from vae_lightning.names import EPOCH_COLUMNS, STEP_ORDER, current_name, epoch_metrics, step_metric
 from vae_lightning.outputs import replaced_atomically
-from vae_lightning.plots import loss_curves, sample_grid, upscale
+from vae_lightning.training import stopping
+from vae_lightning.training.checkpoints import saved_progress
 
 
 def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:

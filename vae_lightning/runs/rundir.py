@@ -20,7 +20,7 @@ from omegaconf import DictConfig, read_write
 from vae_lightning.errors import UserError
 from vae_lightning.launch import first_process, slurm_restarts
 from vae_lightning.outputs import WRITER_LOCK, check_writable
-from vae_lightning.resume import resolve
+from vae_lightning.runs.resume import resolve
 from vae_lightning.workarounds import set_for_every_job
 
 

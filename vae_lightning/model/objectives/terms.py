@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from vae_lightning.likelihoods import at_least_fp32
-from vae_lightning.model import VAE
-from vae_lightning.priors import gaussian_log_density
+from vae_lightning.model.likelihoods import at_least_fp32
+from vae_lightning.model.priors import gaussian_log_density
+from vae_lightning.model.vae import VAE
 
 
 def elbo_terms(model: VAE, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -16,14 +16,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torchvision.utils import save_image
 
-from vae_lightning.bound import active_units, iw_log_likelihood
-from vae_lightning.callbacks import stop_requested
-from vae_lightning.checkpoints import load_checkpoint
 from vae_lightning.errors import UserError
-from vae_lightning.model import VAE
-from vae_lightning.names import ACTIVE_UNITS, BOUND_SECONDS, IW_NLL
-from vae_lightning.outputs import replaced_atomically
-from vae_lightning.plots import (
+from vae_lightning.figures.plots import (
     interpolation_grid,
     labelled_grid,
     latent_scatter,
@@ -34,6 +28,12 @@ from vae_lightning.plots import (
     sample_grid,
     upscale,
 )
+from vae_lightning.model.bound import active_units, iw_log_likelihood
+from vae_lightning.model.vae import VAE
+from vae_lightning.names import ACTIVE_UNITS, BOUND_SECONDS, IW_NLL
+from vae_lightning.outputs import replaced_atomically
+from vae_lightning.training.callbacks import stop_requested
+from vae_lightning.training.checkpoints import load_checkpoint
 
 INTERPOLATION_PAIRS = [(0, 6), (1, 7), (2, 3), (3, 8), (4, 9), (5, 6), (7, 1), (9, 4)]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from vae_lightning.objectives import OBJECTIVES, Objective
-from vae_lightning.objectives.terms import at_least_fp32
+from vae_lightning.model.objectives import OBJECTIVES, Objective
+from vae_lightning.model.objectives.terms import at_least_fp32
 
 
 @OBJECTIVES.register("free_bits")

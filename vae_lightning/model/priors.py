@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.likelihoods import at_least_fp32
+from vae_lightning.model.likelihoods import at_least_fp32
 from vae_lightning.registry import Registry
 
 LOG_2PI = math.log(2 * math.pi)

@@ -12,12 +12,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lightning.likelihoods import LIKELIHOODS
-from vae_lightning.mlflow_logger import RUN_FILES, mlflow_loggers
+from vae_lightning.model.likelihoods import LIKELIHOODS
+from vae_lightning.model.nets import net_label
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS, IW_NLL, WALL_SECONDS
-from vae_lightning.nets import net_label
 from vae_lightning.outputs import WRITER_LOCK, read_json, write_json
-from vae_lightning.tracking import curves_url
+from vae_lightning.tracking.mlflow_logger import RUN_FILES, mlflow_loggers
+from vae_lightning.tracking.tensorboard import curves_url
 
 log = logging.getLogger(__name__)
 

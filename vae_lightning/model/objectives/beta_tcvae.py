@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from vae_lightning.objectives import BOUND_TERMS, OBJECTIVES, Objective
-from vae_lightning.objectives.terms import at_least_fp32
+from vae_lightning.model.objectives import BOUND_TERMS, OBJECTIVES, Objective
+from vae_lightning.model.objectives.terms import at_least_fp32
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -8,14 +8,14 @@ import math
 import torch
 from torch import Tensor
 
-from vae_lightning.likelihoods import (
+from vae_lightning.model.likelihoods import (
     ContinuousBernoulli,
     Gaussian,
     sum_log_sigmoid_,
     sum_log_sigmoid_and_cb_normalizer_,
 )
-from vae_lightning.model import VAE
-from vae_lightning.nets import IN_PLACE_ACTIVATIONS
+from vae_lightning.model.nets import IN_PLACE_ACTIVATIONS
+from vae_lightning.model.vae import VAE
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:

@@ -15,7 +15,7 @@ import os
 import queue
 from typing import Any
 
-from vae_lightning.mlflow_store import first_line
+from vae_lightning.tracking.mlflow_store import first_line
 
 # a reply: ("failed" | "synced", what stopped the sending or None, values not sent)
 Reply = tuple[str, str | None, int]

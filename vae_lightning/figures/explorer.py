@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vae_lightning.model import VAE
+from vae_lightning.figures.pca import principal_directions
+from vae_lightning.model.vae import VAE
 from vae_lightning.names import ACTIVE_UNITS, FINAL_METRICS
 from vae_lightning.outputs import read_overrides, replaced_atomically
-from vae_lightning.pca import principal_directions
 
 FIGURES = ("loss_curves", "samples", "samples_100", "reconstructions", "interpolations", "latent_scatter", "manifold",
            "lambda_and_mean")  # fmt: skip
@@ -128,7 +128,7 @@ def report_html(
     subtitle += f"{run_dir} · checkpoint {metrics.get('checkpoint', '?')} · {metrics.get('epochs', '?')} epochs"
     if data_dir:  # the settings may say data_dir: null (found by VAE_DATA_DIR or the default)
         subtitle += f" · data from {data_dir}"
-    page = resources.files("vae_lightning").joinpath("explorer.html").read_text()
+    page = resources.files("vae_lightning.figures").joinpath("explorer.html").read_text()
     parts = {
         "__TITLE__": html.escape(title),
         "__SUBTITLE__": html.escape(subtitle),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from vae_lightning.datasets import default_data_dir, ensure_dataset, load_split, source
+from vae_lightning.data.datasets import default_data_dir, ensure_dataset, load_split, source
 from vae_lightning.errors import DataError
 
 # none: the reference notebook's continuous pixels; dynamic: every training use of an image draws

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vae_lightning.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, build_likelihood
-from vae_lightning.nets import IN_PLACE_ACTIVATIONS, build_nets, net_settings
-from vae_lightning.priors import build_prior
+from vae_lightning.model.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, build_likelihood
+from vae_lightning.model.nets import IN_PLACE_ACTIVATIONS, build_nets, net_settings
+from vae_lightning.model.priors import build_prior
 
 INIT_SCHEMES = ("default", "xavier_normal", "normal")
 # the reference notebook's net, and what a checkpoint without a net setting was trained with

@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from vae_lightning.pca import principal_directions
+from vae_lightning.figures.pca import principal_directions
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:

@@ -11,12 +11,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lightning.errors import UserError
-from vae_lightning.likelihoods import LIKELIHOODS
-from vae_lightning.model import vae_settings_from_hparams
-from vae_lightning.module import VAEModule, training_settings_from_hparams
-from vae_lightning.nets import NETS, net_settings
-from vae_lightning.priors import PRIORS
+from vae_lightning.model.likelihoods import LIKELIHOODS
+from vae_lightning.model.nets import NETS, net_settings
+from vae_lightning.model.priors import PRIORS
+from vae_lightning.model.vae import vae_settings_from_hparams
 from vae_lightning.registry import UnknownPart
+from vae_lightning.training.module import VAEModule, training_settings_from_hparams
 
 
 def _positive_int(value: object) -> bool:

@@ -1,0 +1,1 @@
+"""Finding, checking and reading the datasets; the DataModule, binarizing, batches."""

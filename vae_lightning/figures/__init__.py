@@ -1,0 +1,1 @@
+"""Figure builders and the report page."""

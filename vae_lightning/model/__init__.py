@@ -1,0 +1,1 @@
+"""The VAE in plain torch, as parts: the model, nets, likelihoods, priors, objectives, the bound."""

@@ -1,0 +1,1 @@
+"""Where curves and numbers go besides the run dir: TensorBoard as written here, MLflow."""
