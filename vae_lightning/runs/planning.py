@@ -1,0 +1,52 @@
+"""What a run is before anything is written: new, continued (and from which checkpoint, with its
+own model and data), or finished before. Every refusal here comes before the run's dir is touched."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from vae_lightning.launch import slurm_restarts
+from vae_lightning.runs.building import continued_data
+from vae_lightning.runs.checks import check_new_keys
+from vae_lightning.runs.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
+from vae_lightning.runs.rundir import requeued_ckpt_path
+from vae_lightning.training.checkpoints import check_finite, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
+    """What this run is (new, continued, or finished before) and the checkpoint it continues, read
+    once; every refusal here comes before anything is written."""
+    out = Path(cfg.paths.output_dir)
+    sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    check_new_keys(overrides)
+    ckpt_path = cfg.get("ckpt_path")
+    if sweep_job and (requeued := requeued_ckpt_path(ckpt_path, out)) != ckpt_path:  # (a single run's: RunDir)
+        log.info(f"Slurm requeued this job ({slurm_restarts()} time(s)): it continues from its own last.ckpt")
+        ckpt_path = requeued
+    resume = plan_resume(ckpt_path, out, cfg.trainer.max_epochs, sweep_job)
+    if resume.finished is not None:
+        return resume, None
+    checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
+    if resume.checkpoint is not None:
+        check_epochs_left(resume.checkpoint, checkpoint, cfg.trainer.max_epochs)
+        named = {override.split("=")[0].lstrip("+~") for override in overrides}
+        # the run's own model and data, not today's defaults
+        kept = keep_run_model(resume.checkpoint, checkpoint, cfg.model, named)
+        check_finite(resume.checkpoint, checkpoint["state_dict"] if isinstance(checkpoint["state_dict"], dict) else {})
+        data = continued_data(checkpoint, cfg.data, named, resume.checkpoint)
+        kept += [f"data.{key}={data[key]}" for key in data if data[key] != cfg.data.get(key)]
+        cfg.data = data
+        where = f"the run in {out}" if resume.checkpoint.parent.parent == out.resolve() else f"in {out}"
+        its_own = f" with its own {', '.join(kept)}" if kept else ""
+        log.info(f"Continuing {where} from {resume.checkpoint}{its_own}{changed_data_settings(cfg, out)}")
+    elif sweep_job and ckpt_path == "last":
+        log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
+    return resume, checkpoint
