@@ -144,3 +144,14 @@ def test_a_likelihood_the_page_cannot_draw_is_said_on_the_page(tmp_path, browser
     page.click("#test-0")
     assert max(page.evaluate("Array.from(pixels)")) == 0  # drawn blank, not as another likelihood's mean
     page.close()
+
+
+def test_an_old_checkpoints_model_settings_do_not_follow_todays_defaults(monkeypatch):
+    from vae_lightning.model.vae import vae_settings_from_hparams
+
+    defaults = list(VAE.__init__.__defaults__)  # net, input_dim, latent_dim, ...: today's latent_dim is 20
+    defaults[2] = 99
+    monkeypatch.setattr(VAE.__init__, "__defaults__", tuple(defaults))
+    assert VAE(net={"name": "mlp", "hidden": [8]}).latent_dim == 99  # a default changed today...
+    assert vae_settings_from_hparams({"vae": {"input_dim": 784}})["latent_dim"] == 20  # ...is not the checkpoint's
+    assert vae_settings_from_hparams({"hidden_dim": 400})["likelihood"] == "bernoulli"

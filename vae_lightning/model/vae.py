@@ -4,7 +4,6 @@ export) speaks to it through these methods, never through its layers."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -162,10 +161,18 @@ def init_weights(model: nn.Module, scheme: str, std: float = 0.01) -> None:
             nn.init.zeros_(layer.bias)
 
 
+# what a checkpoint written by main c1154ae or earlier was trained with when it does not say: the
+# VAE's defaults of that time, written down once, so that a default changed today does not change
+# how an old checkpoint loads
+OLD_CHECKPOINT_VAE = {"net": None, "input_dim": 784, "latent_dim": 20, "init": "default", "init_std": 0.01,
+                      "likelihood": "bernoulli", "prior": "normal", "prior_components": 500}  # fmt: skip
+
+
 def vae_settings_from_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's VAE settings, every one of them: its ``vae`` entry, or (checkpoints from before
-    nets were parts) the reference net with its old ``hidden_dim``; what it lacks is VAE's default."""
-    defaults = {name: p.default for name, p in inspect.signature(VAE).parameters.items()}
+    nets were parts) the reference net with its old ``hidden_dim``; what it lacks, it was trained
+    with as ``OLD_CHECKPOINT_VAE`` says (``net: None`` is the reference net)."""
+    defaults = dict(OLD_CHECKPOINT_VAE)
     if isinstance(hparams.get("vae"), dict):
         return {**defaults, **hparams["vae"]}
     settings = {k: hparams[k] for k in ("input_dim", "latent_dim", "init", "init_std") if k in hparams}
