@@ -1,5 +1,8 @@
-"""Workarounds of the libraries' internals, each beside the upstream issue it works around; the
-rest of the project calls these and never reaches into Lightning, Hydra or torch itself."""
+"""Workarounds of the libraries' internals, each beside the upstream issue it works around (or a
+line saying none was found, and why it is needed); the rest of the project calls these and never
+reaches into Lightning, Hydra, MLflow or torch itself. Re-implementations for speed that use only
+public APIs stay with their part and cite their measurement there (``training.module.PerImageMean``,
+torchmetrics#3434; ``model.likelihoods``' pixel sums; ``model.nets.conv_transpose_by_fold``)."""
 
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from vae_lightning.launch import end_process_group, processes
 
 def silence_unactionable_warnings() -> None:
     """Warnings no user can act on, on every run."""
-    # Lightning builds torch's LeafSpec, which torch deprecates (Lightning's to fix)
+    # Lightning builds torch's LeafSpec, which torch deprecates (Lightning#21326, fixed after 2.6)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # the data are tensors on the training device, indexed once per batch: worker processes would
-    # only copy them (Lightning suggests workers for every DataLoader)
+    # only copy them (Lightning suggests workers for every DataLoader: its design, no issue to cite)
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-    # a continued run writes into its own checkpoints/ by design (resume.py)
+    # a continued run writes into its own checkpoints/ by design (runs/resume.py; Lightning's warning
+    # is meant for a new run, no issue to cite)
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
@@ -41,7 +45,8 @@ class _DropLitLoggerTip(logging.Filter):
 
 def silence_lightning_tips() -> None:
     """Lightning 2.6 prints an advertisement for its cloud logger on every run that does not use it
-    (its logger connector's ``configure_logger``, with no setting to turn it off)."""
+    (its logger connector's ``configure_logger``, with no setting to turn it off). Upstream: none
+    found (Lightning's tracker searched for the litlogger tip)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLitLoggerTip())
 
 
@@ -49,7 +54,8 @@ def silence_lightning_tips() -> None:
 def quiet_onnx_exporter() -> Iterator[None]:
     """torch.onnx.export (dynamo) and onnxscript's optimiser print their passes ("No unused functions
     to remove", ...) whatever ``verbose`` says, on stdout and through logging; a user sees only the
-    files written, and any real error still raises."""
+    files written, and any real error still raises. Upstream: pytorch#26779 (the exporter's output
+    with verbose=False, closed for the TorchScript exporter); none found for the dynamo exporter's."""
     loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -65,13 +71,14 @@ def quiet_onnx_exporter() -> Iterator[None]:
 def datamodule_state(checkpoint: dict[str, Any], datamodule_class: type) -> Any:
     """What a DataModule's ``state_dict`` saved in a Lightning checkpoint: Lightning files it under
     the class's ``__qualname__`` (its checkpoint connector; no public accessor), so a renamed class
-    would lose it."""
+    would lose it. Upstream: none found; the key is Lightning's checkpoint format."""
     return checkpoint.get(datamodule_class.__qualname__)
 
 
 def refused_global(err: Exception) -> str | None:
     """The class a ``torch.load(weights_only=True)`` refused, read from its error text (torch gives it
-    no attribute; the wording changed between releases), or None for a file that is not a pickle."""
+    no attribute; the wording changed between releases), or None for a file that is not a pickle.
+    Upstream: none found (torch's UnpicklingError carries only its message)."""
     found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
     return found.group(1) if found else None
 
@@ -165,7 +172,8 @@ def read_submitit_jobs_without_a_result() -> None:
     sweep job's is (``train._failed``), and the other jobs' results and the sweep summary are kept;
     its run dir says how it stopped. hydra-submitit-launcher 1.2's ``launch`` reads the results with
     ``[j.results()[0] for j in jobs]``, and submitit's ``Job.results`` raises UncompletedJobError for
-    such a job, so the launching process ended in that traceback with no summary."""
+    such a job, so the launching process ended in that traceback with no summary. Upstream:
+    hydra#1377 (launchers and partial failures), hydra#1928 (failed submitit jobs)."""
     try:
         from submitit.core import core, utils
     except ImportError:  # (the launchers are installed with the project; nothing to do without them)
@@ -215,3 +223,58 @@ def config_errors_in_one_line() -> None:
 
     run_and_report.one_line = True
     hydra_utils.run_and_report = run_and_report
+
+
+class MLflowLoggerState:
+    """What this project reads and sets of Lightning's ``MLFlowLogger`` (2.6), whose client, store,
+    experiment, run and checkpoint callback are private attributes: every such access is here.
+    The logger opens its run at its first log and offers no public way to log into a run found
+    before training (this project opens the run when the logger is built, so that a store that is
+    down is one line before anything starts, and continues a run dir's own run); its ``run_id=``
+    argument needs the run before the logger exists, while the store is opened by the logger.
+    Upstream: none found (Lightning's tracker searched for MLFlowLogger and an existing run)."""
+
+    def __init__(self, logger: Any) -> None:
+        self._logger = logger
+
+    @property
+    def client(self) -> Any:
+        return self._logger._mlflow_client
+
+    @property
+    def tracking_uri(self) -> str:
+        return self._logger._tracking_uri
+
+    @property
+    def artifact_location(self) -> str | None:
+        return self._logger._artifact_location
+
+    @property
+    def run_name(self) -> str | None:
+        return self._logger._run_name
+
+    @property
+    def experiment_id(self) -> str | None:
+        return self._logger._experiment_id
+
+    @experiment_id.setter
+    def experiment_id(self, value: str) -> None:
+        self._logger._experiment_id = value
+
+    @property
+    def run_id(self) -> str | None:
+        return self._logger._run_id
+
+    @property
+    def opened(self) -> bool:
+        """Whether the logger logs into a run (Lightning's ``_initialized``)."""
+        return bool(self._logger._initialized)
+
+    def adopt(self, run_id: str) -> None:
+        """Log into the run ``run_id`` from here on, as if the logger had made it."""
+        self._logger._run_id, self._logger._initialized = run_id, True
+
+    def log_checkpoints(self) -> None:
+        """``log_model=True``: the checkpoints, as Lightning logs them when training ends."""
+        if self._logger._checkpoint_callback:
+            self._logger._scan_and_log_checkpoints(self._logger._checkpoint_callback)

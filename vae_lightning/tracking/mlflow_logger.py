@@ -35,6 +35,7 @@ from vae_lightning.tracking.mlflow_store import (
     sweep_parent,
 )
 from vae_lightning.training.callbacks import TrainingHistory
+from vae_lightning.workarounds import MLflowLoggerState
 
 BATCH = 1000  # MLflow's limit of metrics in one log_batch request
 # what a finished run sends, beside the figures (*.png)
@@ -79,6 +80,7 @@ class MLflow(MLFlowLogger):
                 log_model=log_model,
             ),
         )
+        self.state = MLflowLoggerState(self)  # Lightning's private attributes, read and set there only
         self._pending: list = []
         self.metrics_per_request = min(metrics_per_request, BATCH)
         # metric blocks go out from a process of their own (mlflow_sender), the other requests (params,
@@ -92,16 +94,17 @@ class MLflow(MLFlowLogger):
     @rank_zero_only
     def open(self, cfg: DictConfig) -> None:
         """Find or make this run dir's MLflow run and log the composed config as its params."""
-        uri, client = self._tracking_uri, self._mlflow_client
-        self._experiment_id = opened(uri, lambda: experiment_id(client, self._artifact_location))
-        tags = {"mlflow.runName": self._run_name, RUN_DIR_TAG: str(self.run_dir)}
+        state = self.state
+        uri, client = state.tracking_uri, state.client
+        state.experiment_id = opened(uri, lambda: experiment_id(client, state.artifact_location))
+        tags = {"mlflow.runName": state.run_name, RUN_DIR_TAG: str(self.run_dir)}
         if parent := sweep_parent(uri):
             tags["mlflow.parentRunId"] = parent
-        run, continued = run_for_dir(client, uri, self.run_dir, self._experiment_id, tags)
+        run, continued = run_for_dir(client, uri, self.run_dir, state.experiment_id, tags)
         if continued:
             self._sent_up_to = opened(uri, lambda: last_steps(client, run))
-        self._run_id, self._initialized = run.info.run_id, True
-        self._metrics = MetricSender(uri, self._run_id)
+        state.adopt(run.info.run_id)
+        self._metrics = MetricSender(uri, run.info.run_id)
         self._log_params(cfg, run.data.params)
 
     def _log_params(self, cfg: DictConfig, earlier: dict[str, str]) -> None:
@@ -113,8 +116,8 @@ class MLflow(MLFlowLogger):
         changed = [RunTag(f"continued.{k}", v) for k, v in params.items() if k in earlier and earlier[k] != v]
         for start in range(0, max(len(new), len(changed)), 100):
             self._send(
-                lambda start=start: self._mlflow_client.log_batch(
-                    self._run_id, params=new[start : start + 100], tags=changed[start : start + 100]
+                lambda start=start: self.state.client.log_batch(
+                    self.state.run_id, params=new[start : start + 100], tags=changed[start : start + 100]
                 )
             )
 
@@ -135,7 +138,7 @@ class MLflow(MLFlowLogger):
 
     @rank_zero_only
     def save(self) -> None:
-        if not self._initialized:
+        if not self.state.opened:
             return
         while self._pending:
             block, self._pending = self._pending[:BATCH], self._pending[BATCH:]
@@ -144,13 +147,12 @@ class MLflow(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        if not self._initialized:
+        if not self.state.opened:
             return
         self.save()
-        if self._checkpoint_callback:  # log_model=True: the checkpoints when training ends
-            self._send(lambda: self._scan_and_log_checkpoints(self._checkpoint_callback))
+        self._send(self.state.log_checkpoints)  # log_model=True: the checkpoints when training ends
         state = "FINISHED" if status in ("success", "finished") else "FAILED"
-        self._send(lambda: self._mlflow_client.set_terminated(self._run_id, state))
+        self._send(lambda: self.state.client.set_terminated(self.state.run_id, state))
         self.wait()
 
     def wait(self) -> None:
@@ -190,7 +192,7 @@ class MLflow(MLFlowLogger):
         """Send a finished run's files (figures, report, metrics) as the run's artifacts; then say
         what never reached the store, if it was lost."""
         for path in files:
-            self._send(lambda path=path: self._mlflow_client.log_artifact(self._run_id, str(path)))
+            self._send(lambda path=path: self.state.client.log_artifact(self.state.run_id, str(path)))
         self.wait()
         self._metrics.close()
         if self.lost:
@@ -202,11 +204,12 @@ class MLflow(MLFlowLogger):
 
     def where(self) -> str:
         """Where a user sees this run: the MLflow UI's page of it."""
-        page = f"#/experiments/{self._experiment_id}/runs/{self._run_id}"
-        if self._tracking_uri.startswith("sqlite:"):
-            server = f"make mlflow-ui (or mlflow server --backend-store-uri {self._tracking_uri})"
+        uri = self.state.tracking_uri
+        page = f"#/experiments/{self.state.experiment_id}/runs/{self.state.run_id}"
+        if uri.startswith("sqlite:"):
+            server = f"make mlflow-ui (or mlflow server --backend-store-uri {uri})"
             return f"MLflow: {server}, then {UI}/{page}"
-        return f"MLflow: {self._tracking_uri.rstrip('/')}/{page}"
+        return f"MLflow: {uri.rstrip('/')}/{page}"
 
     def _heard(self, replies: list) -> None:
         """What the metric sender said: the store it lost, and how many values it did not send."""
@@ -220,7 +223,7 @@ class MLflow(MLFlowLogger):
             return
         self.lost = reason
         print(
-            f"warning: the MLflow tracking store {self._tracking_uri} stopped answering ({reason}); "
+            f"warning: the MLflow tracking store {self.state.tracking_uri} stopped answering ({reason}); "
             "training goes on, the rest of this run is not sent to MLflow",
             file=sys.stderr,
         )
