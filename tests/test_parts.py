@@ -155,3 +155,14 @@ def test_an_old_checkpoints_model_settings_do_not_follow_todays_defaults(monkeyp
     assert VAE(net={"name": "mlp", "hidden": [8]}).latent_dim == 99  # a default changed today...
     assert vae_settings_from_hparams({"vae": {"input_dim": 784}})["latent_dim"] == 20  # ...is not the checkpoint's
     assert vae_settings_from_hparams({"hidden_dim": 400})["likelihood"] == "bernoulli"
+
+
+def test_a_dataset_no_installed_package_provides_is_one_line_naming_its_group():
+    from vae_lightning.data.datasets import SOURCES, source
+    from vae_lightning.errors import DataError
+
+    assert list(SOURCES) == ["mnist", "fashion_mnist"] and source("mnist").title == "MNIST"
+    with pytest.raises(
+        DataError, match=r"data.dataset='kmnist' is not one of mnist, fashion_mnist .*vae_lightning.datasets"
+    ):
+        source("kmnist")

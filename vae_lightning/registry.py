@@ -1,12 +1,12 @@
-"""Where parts are found: one registry per kind (nets, likelihoods, priors, objectives), holding
-this package's own parts and those of installed plugins, and where the configs are.
+"""Where parts are found: one registry per kind (nets, likelihoods, priors, objectives, datasets),
+holding this package's own parts and those of installed plugins, and where the configs are.
 
 A plugin is a package of the user's that names its parts in the entry-point groups
-``vae_lightning.nets``, ``vae_lightning.likelihoods``, ``vae_lightning.priors`` and
-``vae_lightning.objectives`` (``name = "module:object"``), and its config folder in
-``vae_lightning.configs`` (docs/plugins.md; examples/vae_resnet is one). Entry points are
-Python's standard plugin mechanism, the one pytest's plugins use: installing the package is the
-whole registration, and a checkpoint names its parts by these names only, never by an import
+``vae_lightning.nets``, ``vae_lightning.likelihoods``, ``vae_lightning.priors``,
+``vae_lightning.objectives`` and ``vae_lightning.datasets`` (``name = "module:object"``), and its
+config folder in ``vae_lightning.configs`` (docs/plugins.md; examples/vae_resnet is one). Entry
+points are Python's standard plugin mechanism, the one pytest's plugins use: installing the
+package is the whole registration, and a checkpoint names its parts by these names only, never by an import
 path, so a file cannot name code to run. A plugin cannot replace a part of this package: a
 checkpoint's ``bernoulli`` always means this package's Bernoulli.
 """

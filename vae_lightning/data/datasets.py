@@ -18,6 +18,7 @@ from torchvision import datasets
 
 from vae_lightning.errors import DataError
 from vae_lightning.outputs import replaced_atomically
+from vae_lightning.registry import Registry
 
 # name -> (bytes, md5) of the uncompressed files torchvision keeps in <data_dir>/<folder>/raw
 MNIST_FILES = {
@@ -49,18 +50,22 @@ class Source:
         return self.torchvision_class.__name__
 
 
-SOURCES = {
-    "mnist": Source("MNIST", datasets.MNIST, MNIST_FILES, tuple(str(digit) for digit in range(10)), "digit"),
-    "fashion_mnist": Source(
-        "Fashion-MNIST", datasets.FashionMNIST, FASHION_MNIST_FILES, tuple(datasets.FashionMNIST.classes), "class"
-    ),
-}
+# data.dataset's choices; a plugin adds a torchvision dataset of MNIST's format as a Source in the
+# vae_lightning.datasets entry-point group (docs/plugins.md)
+SOURCES: Registry[Source] = Registry("dataset", "data.dataset")
+SOURCES.register("mnist")(
+    Source("MNIST", datasets.MNIST, MNIST_FILES, tuple(str(digit) for digit in range(10)), "digit")
+)
+SOURCES.register("fashion_mnist")(
+    Source("Fashion-MNIST", datasets.FashionMNIST, FASHION_MNIST_FILES, tuple(datasets.FashionMNIST.classes), "class")
+)
 
 
 def source(dataset: str) -> Source:
-    if dataset not in SOURCES:
-        raise DataError(f"data.dataset={dataset!r} is not one of {', '.join(SOURCES)}")
-    return SOURCES[dataset]
+    try:
+        return SOURCES.get(dataset)
+    except ValueError as err:  # an unknown name, or a plugin's that fails to load
+        raise DataError(str(err)) from None
 
 
 def _point_elsewhere(src: Source) -> str:
