@@ -34,7 +34,6 @@ def epoch_metrics(terms: tuple[str, ...] = TERMS) -> tuple[str, ...]:
 
 # the terms every objective has (objectives.BOUND_TERMS), in the order the step records keep them
 STEP_ORDER = ("rec", "kl", "loss")
-STEP_METRICS = {term: step_metric(term) for term in TERMS}
 EPOCH_METRICS = epoch_metrics()
 EPOCH_COLUMNS = ("epoch", *EPOCH_METRICS)
 # the tested weights: the test ELBO (trainer.test) and the importance-weighted bound
