@@ -14,13 +14,14 @@ from torch import Tensor
 
 from vae_lightning.model.objectives.terms import elbo_terms, iwae_terms, log_importance_weights
 from vae_lightning.model.vae import VAE
+from vae_lightning.names import TERMS
 from vae_lightning.registry import Registry
 
 __all__ = ["OBJECTIVES", "Objective", "elbo_terms", "iwae_terms", "log_importance_weights", "BOUND_TERMS"]
 
-# every objective's first terms, per image: the negative bound it reports (the ELBO, or the IWAE
-# bound), -log p(x|z) and the KL; so runs of any objective sit side by side in every table
-BOUND_TERMS = ("loss", "rec", "kl")
+# every objective's first terms, per image (names.TERMS): the negative bound it reports (the ELBO,
+# or the IWAE bound), -log p(x|z) and the KL; so runs of any objective sit side by side in every table
+BOUND_TERMS = TERMS
 # the shared settings (conf/model/vae.yaml) at the values where they change nothing: an objective
 # that does not read beta or kl_warmup_epochs refuses any other value (one would think it weighs the
 # KL); k is left to the objectives that read it, the others draw one z per image (so that a sweep
