@@ -47,6 +47,7 @@ class Registry(Generic[T]):
         self.group = f"vae_lightning.{kind}s"
         self._own: dict[str, T] = {}
         self._loaded: dict[str, T] = {}
+        self._found: dict[str, EntryPoint] | None = None  # the installed plugins', read once
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(part: T) -> T:
@@ -56,10 +57,13 @@ class Registry(Generic[T]):
         return add
 
     def _plugins(self) -> dict[str, EntryPoint]:
-        found = {ep.name: ep for ep in entry_points(group=self.group)}
-        for name in sorted(set(found) & set(self._own)):
-            log.warning(f"the plugin {found[name].value} cannot replace this package's {self.kind} {name!r}: ignored")
-        return {name: ep for name, ep in found.items() if name not in self._own}
+        if self._found is None:  # every call scanned every installed distribution's metadata again
+            found = {ep.name: ep for ep in entry_points(group=self.group)}
+            for name in sorted(set(found) & set(self._own)):
+                log.warning(f"the plugin {found[name].value} cannot replace this package's {self.kind} {name!r}: "
+                            "ignored")  # fmt: skip
+            self._found = {name: ep for name, ep in found.items() if name not in self._own}
+        return self._found
 
     def names(self) -> list[str]:
         return [*self._own, *sorted(self._plugins())]

@@ -81,11 +81,11 @@ def checkpoint_module(hparams: dict[str, Any], ckpt: Path) -> VAEModule:
     settings = {**vae_settings_from_hparams(hparams), **training_settings_from_hparams(hparams)}
     for key, ok, expected in VALUE_CHECKS:
         name = key.removeprefix("model.")
-        if key.startswith("model.") and name in settings and not ok(settings[name]) and callable(expected):
-            raise UserError(missing_part(ckpt, key, settings[name]))
         if key.startswith("model.") and name in settings and not ok(settings[name]):
+            if callable(expected):  # a registry's name: a part no installed package provides
+                raise UserError(missing_part(ckpt, key, settings[name]))
             raise UserError(
-                f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {_said(expected)}; "
+                f"the model settings in {ckpt} are not valid: {key}={settings[name]!r} must be {expected}; "
                 "pass another checkpoint"
             )
     try:

@@ -170,8 +170,10 @@ class VAEModule(L.LightningModule):
         steps = trainer.num_training_batches
         return Progress(self.global_step, steps if isinstance(steps, int) and steps > 0 else 1)  # (inf before fit)
 
-    def _shared_step(self, x: Tensor, stage: str, noise: torch.Generator | None = None) -> dict[str, Tensor]:
-        graph_loss, terms = self.objective.batch(self.model, x, noise, self.progress())
+    def _shared_step(
+        self, x: Tensor, stage: str, noise: torch.Generator | None = None, progress: Progress | None = None
+    ) -> dict[str, Tensor]:
+        graph_loss, terms = self.objective.batch(self.model, x, noise, progress or self.progress())
         for term in self.objective.terms:
             mean = self.means[f"{stage}_{term}"]
             mean.update(terms[term].detach())
@@ -188,8 +190,9 @@ class VAEModule(L.LightningModule):
         return {"graph_loss": graph_loss, **{t: terms[t].detach().mean() for t in self.objective.terms}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        out = self._shared_step(batch, "train")
-        for name, value in self.objective.step_logs(self.progress()).items():  # a schedule, in TensorBoard
+        progress = self.progress()
+        out = self._shared_step(batch, "train", progress=progress)
+        for name, value in self.objective.step_logs(progress).items():  # a schedule, in TensorBoard
             self.log(name, value, on_step=True, on_epoch=False)
         # Lightning backpropagates "loss": the sum over the batch, not the mean. The step's
         # per-image values of the objective's terms go out with it, still on the device;

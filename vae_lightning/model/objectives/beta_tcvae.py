@@ -15,8 +15,7 @@ import torch
 
 from vae_lightning.model.objectives import BOUND_TERMS, OBJECTIVES, Objective
 from vae_lightning.model.objectives.terms import at_least_fp32
-
-LOG_2PI = math.log(2 * math.pi)
+from vae_lightning.model.priors import LOG_2PI
 
 
 def total_correlation(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
