@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from vae_lightning.model.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, build_likelihood
 from vae_lightning.model.nets import IN_PLACE_ACTIVATIONS, build_nets, net_settings
+from vae_lightning.model.noise import Noise, standard_normal
 from vae_lightning.model.priors import build_prior
 
 INIT_SCHEMES = ("default", "xavier_normal", "normal")
@@ -67,11 +68,11 @@ class VAE(nn.Module):
         return self.encoder(x)
 
     @staticmethod
-    def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def reparameterize(mu: Tensor, logvar: Tensor, generator: Noise = None) -> Tensor:
         std = torch.exp(0.5 * logvar)
         if generator is None:  # the reference notebook's draw, from the global generator
             return mu + torch.randn_like(std) * std
-        return mu + torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype) * std
+        return mu + standard_normal(std.shape, generator, std.device, std.dtype) * std
 
     def decode_logits(self, z: Tensor) -> Tensor:
         """One logit per pixel for codes z (..., latent_dim)."""

@@ -173,7 +173,7 @@ class VAEModule(L.LightningModule):
     def _shared_step(
         self, x: Tensor, stage: str, noise: torch.Generator | None = None, progress: Progress | None = None
     ) -> dict[str, Tensor]:
-        graph_loss, terms = self.objective.batch(self.model, x, noise, progress or self.progress())
+        graph_loss, terms = self.objective.loss_and_terms(self.model, x, noise, progress or self.progress())
         for term in self.objective.terms:
             mean = self.means[f"{stage}_{term}"]
             mean.update(terms[term].detach())
@@ -184,9 +184,6 @@ class VAEModule(L.LightningModule):
                 # (docs/performance.md).
                 self.log(metric(stage, term), mean, on_step=False, on_epoch=True, prog_bar=term == "loss")
                 self._logged_this_epoch.add((stage, term))
-        # summed over pixels and over the batch (not a mean), as the reference notebook's loss
-        if graph_loss is None:
-            graph_loss = terms["rec"].sum() + terms["kl"].sum()
         return {"graph_loss": graph_loss, **{t: terms[t].detach().mean() for t in self.objective.terms}}
 
     def training_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:

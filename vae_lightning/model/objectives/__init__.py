@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from vae_lightning.model.noise import Noise
 from vae_lightning.model.objectives.terms import elbo_terms, iwae_terms, log_importance_weights
 from vae_lightning.model.vae import VAE
 from vae_lightning.names import TERMS
@@ -68,9 +68,7 @@ class Objective:
     def check(self) -> None:
         """Refuse impossible settings (ValueError, one line)."""
 
-    def batch(
-        self, model: VAE, x: Tensor, noise: torch.Generator | None, progress: Progress
-    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+    def batch(self, model: VAE, x: Tensor, noise: Noise, progress: Progress) -> tuple[Tensor | None, dict[str, Tensor]]:
         """(the loss to backpropagate, summed over the batch as the reference notebook's, or None
         for rec.sum() + kl.sum()) and the per-image value of each of ``terms``. ``model.training``
         tells a training step from an evaluation."""
@@ -79,6 +77,14 @@ class Objective:
     def step_logs(self, progress: Progress) -> dict[str, float]:
         """Scalars of its schedule to log at a training step (Python floats: no host sync)."""
         return {}
+
+    def loss_and_terms(
+        self, model: VAE, x: Tensor, noise: Noise, progress: Progress
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``batch`` with its loss always given: summed over pixels and over the batch (not a mean),
+        as the reference notebook's loss."""
+        loss, terms = self.batch(model, x, noise, progress)
+        return (terms["rec"].sum() + terms["kl"].sum() if loss is None else loss), terms
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective", "model.objective")

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor
 
 from vae_lightning.model.likelihoods import at_least_fp32
+from vae_lightning.model.noise import Noise, standard_normal
 from vae_lightning.model.priors import gaussian_log_density
 from vae_lightning.model.vae import VAE
 
 
-def elbo_terms(model: VAE, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def elbo_terms(model: VAE, x: Tensor, generator: Noise = None) -> tuple[Tensor, Tensor]:
     """Per-image (rec, KL) of one reparameterised pass: -log p(x|z) and the KL (closed-form, or
     estimated at the same z); the reference notebook's loss is their total sum."""
     mu, logvar = model.encode(x)
@@ -22,12 +23,12 @@ def elbo_terms(model: VAE, x: Tensor, generator: torch.Generator | None = None) 
 
 
 def log_importance_weights(
-    model: VAE, x: Tensor, k: int, generator: torch.Generator | None = None
+    model: VAE, x: Tensor, k: int, generator: Noise = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """log w_i = log p(x | z_i) + log p(z_i) - log q(z_i | x) for k draws z_i ~ q(z | x) per image,
     as (log_w, rec, log q - log p) of shape (k, images), with the encoder's (mu, logvar)."""
     mu, logvar = model.encode(x)
-    eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    eps = standard_normal((k, *mu.shape), generator, mu.device, mu.dtype)
     z = mu + eps * torch.exp(0.5 * logvar)
     rec = model.reconstruction_nll(model.decode_logits(z), x)  # -log p(x | z_i)
     if model.prior.closed_form:  # N(0, I): for z = mu + std * eps, the (2 pi)^(d/2) of both cancel
@@ -38,9 +39,7 @@ def log_importance_weights(
     return log_prior_over_posterior - rec, rec, -log_prior_over_posterior, mu, logvar
 
 
-def iwae_terms(
-    model: VAE, x: Tensor, k: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def iwae_terms(model: VAE, x: Tensor, k: int, generator: Noise = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image (rec, KL, -L_k): -log p(x|z) averaged over the k samples, the KL (closed-form, or
     its estimate averaged over the k samples), and the
     negative k-sample importance-weighted bound L_k = log (1/k sum_i w_i), the IWAE objective

@@ -1,0 +1,180 @@
+"""Same-shaped jobs (typically the seeds of a sweep) trained as one model: every parameter carries
+a leading replica dimension and one ``torch.func.vmap`` runs every job's step at once, while each
+job keeps its own initialization, data order, binarization, noise, Adam and divergence guard.
+
+Hand-written because neither Lightning nor torch trains many independent models as one (torch.func
+gives the batched forward; the rest, which stream each job draws from and which optimizer steps it,
+is what a job alone does). Each job's ``VAEModule`` stays a real module: its parameters are views of
+its row of the stacked ones, so its state_dict, its optimizer and its checkpoints are a job's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from vae_lightning.data.replica_batches import ReplicaBatches
+from vae_lightning.errors import UserError
+from vae_lightning.model.objectives import Progress
+from vae_lightning.training.module import VAEModule
+
+
+def global_generator(device: torch.device) -> torch.Generator:
+    """A generator in the state of ``device``'s global one: what a job alone would draw from next."""
+    generator = torch.Generator(device=device)
+    if device.type == "cuda":
+        generator.set_state(torch.cuda.get_rng_state(device))
+    else:
+        generator.set_state(torch.get_rng_state())
+    return generator
+
+
+class ReplicaNoise:
+    """Each replica's Gaussian draws from its own generator, in the order its job alone makes them
+    (a ``model.noise.NoiseSource``). Inside vmap, ``index`` is the batched replica index: indexing
+    the stacked draws with it gives each replica its own."""
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.generators = list(generators)
+        self.index: Tensor | None = None
+
+    def standard_normal(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        draws = [torch.randn(shape, generator=g, device=device, dtype=dtype) for g in self.generators]
+        return torch.stack(draws)[self.index]
+
+
+class _ObjectiveStep(nn.Module):
+    """The objective's loss and terms of one job's batch, as a module for ``functional_call``."""
+
+    def __init__(self, module: VAEModule) -> None:
+        super().__init__()
+        self.model = module.model
+        self.objective = module.objective
+
+    def forward(self, x: Tensor, noise: ReplicaNoise, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.objective.loss_and_terms(self.model, x, noise, progress)
+
+
+def _refusal(modules: Sequence[VAEModule]) -> str | None:
+    """Why these modules cannot train as one model, or None."""
+    first = modules[0]
+    for module in modules[1:]:
+        if module.model.settings != first.model.settings:
+            differs = next(k for k in first.model.settings if module.model.settings[k] != first.model.settings[k])
+            return f"model.{differs} differs between the jobs (it changes the model's shape)"
+        if (module.objective.name, module.objective.settings) != (first.objective.name, first.objective.settings):
+            return "the jobs' objectives or their settings differ (only lr, the seed and the data protocol may)"
+    if any(True for _ in first.model.buffers()):
+        return f"the {first.model.settings['net']['name']} net keeps buffers (running statistics)"
+    return None
+
+
+@dataclass
+class EpochSums:
+    """Per replica, the sum of each term over the epoch's images, on the device (no host sync)."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    images: int = 0
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        for term, values in terms.items():  # (replicas, images)
+            total = values.detach().float().sum(1)
+            self.sums[term] = self.sums[term] + total if term in self.sums else total
+        self.images += next(iter(terms.values())).shape[1]
+
+    def means(self) -> dict[str, list[float]]:
+        return {term: (total / self.images).tolist() for term, total in self.sums.items()}
+
+
+class ReplicaGroup:
+    """``modules`` (one per job, each built under its own seed) trained as one model, drawing from
+    ``generators`` (each in the state its job's global generator had after building it)."""
+
+    def __init__(self, modules: Sequence[VAEModule], generators: Sequence[torch.Generator]) -> None:
+        if (reason := _refusal(modules)) is not None:
+            raise UserError(f"these jobs cannot train as one model: {reason}; run them with the basic launcher")
+        self.modules = list(modules)
+        names = [name for name, _ in modules[0].model.named_parameters()]
+        rows = [dict(m.model.named_parameters()) for m in modules]
+        self.stacked = {n: torch.stack([r[n].detach() for r in rows]).requires_grad_() for n in names}
+        self.rows: list[list[tuple[nn.Parameter, str]]] = []
+        for i, module in enumerate(modules):  # each job's parameters become views of its row
+            views = []
+            for name in names:
+                owner, _, leaf = name.rpartition(".")
+                view = nn.Parameter(self.stacked[name].detach()[i])
+                setattr(module.model.get_submodule(owner), leaf, view)
+                views.append((view, name))
+            self.rows.append(views)
+        self.optimizers = [module.configure_optimizers() for module in modules]  # each job's own Adam
+        self.step_module = _ObjectiveStep(modules[0])
+        self.noise = ReplicaNoise(generators)
+        self.index = torch.arange(len(modules), device=self.stacked[names[0]].device)
+        self.alive = [True] * len(modules)
+        self.terms = modules[0].objective.terms
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def _run(self, x: Tensor, x_dim: int | None, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        def one(params: dict[str, Tensor], x_one: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            self.noise.index = index
+            weights = {f"model.{name}": p for name, p in params.items()}
+            return functional_call(self.step_module, weights, (x_one, self.noise, progress))
+
+        # randomness="same": the draws are made outside the batching, from each replica's generator
+        return vmap(one, in_dims=(0, x_dim, 0), randomness="same")(self.stacked, x, self.index)
+
+    def train_step(self, x: Tensor, progress: Progress) -> dict[str, Tensor]:
+        """One optimizer step of every live replica on its batch ``x[i]``; the per-image terms."""
+        self.step_module.train()
+        losses, terms = self._run(x, 0, progress)
+        losses.sum().backward()  # the replicas share no weight: each gets its own loss's gradient
+        for i, (optimizer, views) in enumerate(zip(self.optimizers, self.rows, strict=True)):
+            if self.alive[i]:
+                for view, name in views:
+                    view.grad = self.stacked[name].grad[i]
+                optimizer.step()
+        for tensor in self.stacked.values():
+            tensor.grad = None
+        return {term: terms[term] for term in self.terms}
+
+    @torch.no_grad()
+    def eval_step(self, x: Tensor, x_dim: int | None) -> dict[str, Tensor]:
+        self.step_module.eval()
+        _, terms = self._run(x, x_dim, Progress())
+        return {term: terms[term] for term in self.terms}
+
+
+def fit(
+    group: ReplicaGroup,
+    batches: ReplicaBatches,
+    epochs: int,
+    limit_train_batches: int | None = None,
+    limit_val_batches: int | None = None,
+) -> list[list[dict[str, float]]]:
+    """Train ``group`` for ``epochs`` as each job's Lightning run would (each epoch's training,
+    then its validation; Lightning's sanity check draws nothing a job keeps: it isolates the
+    generators); per replica, each epoch's row of train/* and val/* per-image means."""
+    history: list[list[dict[str, float]]] = [[] for _ in range(len(group))]
+    steps = min(batches.train_steps(), limit_train_batches or batches.train_steps())
+    step = 0
+    for epoch in range(epochs):
+        train = EpochSums()
+        for x in batches.train(epoch, group.noise.generators, limit_train_batches):
+            train.add(group.train_step(x, Progress(step, steps)))
+            step += 1
+        val = EpochSums()
+        for x, x_dim in batches.evaluate(limit=limit_val_batches):
+            val.add(group.eval_step(x, x_dim))
+        for stage, sums in (("train", train), ("val", val)):
+            for term, values in sums.means().items():
+                for replica, value in enumerate(values):
+                    if len(history[replica]) <= epoch:
+                        history[replica].append({"epoch": epoch + 1})
+                    history[replica][epoch][f"{stage}/{term}"] = value
+    return history
