@@ -156,3 +156,14 @@ def test_a_config_hydra_cannot_compose_is_one_line_with_the_nearest_name(tmp_pat
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_every_config_group_ships_in_the_wheel_as_a_listed_package():
+    """A config group left out of pyproject's packages still ships as data, with a setuptools
+    warning on every build that it will stop doing so."""
+    import tomllib
+
+    listed = set(tomllib.loads((CONF_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(("vae_lightning", "conf", *d.relative_to(CONF_DIR).parts)) for d in CONF_DIR.rglob("*")
+               if d.is_dir() and d.name != "__pycache__"}  # fmt: skip
+    assert folders - listed == set()
