@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers import epoch_rows, run_in_one_interpreter
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import epoch_rows, run_cli
-from vae_lightning.data.datamodule import MNISTDataModule, binarize
-from vae_lightning.data.replica_batches import ReplicaBatches
+from vae_lightning.data.datamodule import binarize
 from vae_lightning.errors import UserError
 from vae_lightning.model.objectives import Progress
 from vae_lightning.training.module import VAEModule
-from vae_lightning.training.replicas import ReplicaGroup, ReplicaNoise, fit, global_generator
+from vae_lightning.training.replicas import ReplicaGroup, ReplicaNoise, global_generator
 
 SMALL_MLP = {"name": "mlp", "hidden": [32], "activation": "relu"}
 # one of every built-in part, each with settings that make it quick
@@ -109,30 +111,59 @@ def test_replica_noise_gives_each_replica_its_own_stream():
         torch.testing.assert_close(drawn[j], torch.randn((2, 3), generator=torch.Generator().manual_seed(seed)))
 
 
+REPLICA_SWEEP = ["-m", "seed=0,1,2", "data.binarize=dynamic", "trainer.max_epochs=2", "+trainer.limit_train_batches=30",
+                 "+trainer.limit_val_batches=3", "eval.k=2"]  # fmt: skip
+
+
+def _files(job: Path) -> set[str]:
+    return {str(p.relative_to(job)) for p in job.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+
+
+def _scalar_steps(tensorboard: Path) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {}
+    for events in sorted(tensorboard.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in acc.Scalars(tag))
+    return {tag: sorted(s) for tag, s in steps.items()}
+
+
 @pytest.mark.slow
-def test_three_seeds_as_replicas_match_their_separate_runs_on_mnist(tmp_path, mnist_dir):
-    """Real MNIST, dynamically binarized, 2 epochs of 30 steps: each replica's per-epoch train and
-    val means against its own run of the CLI, within 0.01 nats (measured: equal to the 6 digits
-    epochs.csv prints)."""
-    seeds, args = (0, 1, 2), ["data.binarize=dynamic", "trainer.max_epochs=2", "+trainer.limit_train_batches=30",
-                              "+trainer.limit_val_batches=3", "test=false", "eval.k=0"]  # fmt: skip
-    modules, generators, datamodules = [], [], []
-    for seed in seeds:
-        L.seed_everything(seed, verbose=False)
-        datamodules.append(MNISTDataModule(data_dir=str(mnist_dir), binarize="dynamic", seed=seed, download=False))
-        module, generator = _built({"latent_dim": 20}, seed)
-        modules.append(module)
-        generators.append(generator)
-    group = ReplicaGroup(modules, generators)
-    history = fit(group, ReplicaBatches(datamodules, torch.device("cpu")), 2, 30, 3)
-    for seed in seeds:
-        out = tmp_path / f"seed{seed}"
-        result = run_cli("vae_lightning.train", *args, f"seed={seed}", f"data.data_dir={mnist_dir}",
-                         f"hydra.run.dir={out}")  # fmt: skip
-        assert result.returncode == 0, result.stderr[-2000:]
-        rows = epoch_rows(out)
-        assert len(rows) == 2
-        for row, replica in zip(rows, history[seed], strict=True):
+def test_a_replica_sweep_writes_what_its_jobs_write_alone(tmp_path, mnist_dir):
+    """Three seeds on real MNIST (dynamically binarized, 2 epochs of 30 steps), once with
+    hydra/launcher=replicas and once with the basic launcher: each job's epochs.csv within 0.01
+    nats of its run alone (measured: equal to the 6 digits printed, but for val's last digits),
+    the same files (checkpoints, figures, report), the same TensorBoard tags at the same steps,
+    and test numbers; its checkpoint exports as any run's. Jobs of two shapes form two groups."""
+    replicas, alone = tmp_path / "replicas", tmp_path / "alone"
+    data = f"data.data_dir={mnist_dir}"
+    results = run_in_one_interpreter([
+        ["python", "-m", "vae_lightning.train", *REPLICA_SWEEP, "hydra/launcher=replicas", data,
+         f"hydra.sweep.dir={replicas}"],
+        ["python", "-m", "vae_lightning.train", *REPLICA_SWEEP, data, f"hydra.sweep.dir={alone}"],
+        ["python", "-m", "vae_lightning.export", f"ckpt_path={replicas / '1'}", "format=safetensors",
+         f"hydra.run.dir={tmp_path / 'export'}"],
+        ["python", "-m", "vae_lightning.train", "-m", "hydra/launcher=replicas", "model.latent_dim=2,3", data,
+         "trainer.max_epochs=1", "+trainer.limit_train_batches=5", "eval.k=0", f"hydra.sweep.dir={tmp_path / 'two'}"],
+        ["python", "-m", "vae_lightning.train", "-m", "hydra/launcher=replicas", "seed=0,1", data,
+         "+trainer.accumulate_grad_batches=2", f"hydra.sweep.dir={tmp_path / 'refused'}"],
+    ])  # fmt: skip
+    assert [code for code, _, _ in results] == [0, 0, 0, 0, 1], [err[-3000:] for _, _, err in results]
+    for job in ("0", "1", "2"):
+        ours, theirs = replicas / job, alone / job
+        for row, their_row in zip(epoch_rows(ours), epoch_rows(theirs), strict=True):
             for column, value in row.items():
-                if column != "epoch":
-                    assert abs(float(value) - replica[column]) < 0.01, (seed, column, value, replica[column])
+                assert abs(float(value) - float(their_row[column])) < 0.01, (job, column, value, their_row[column])
+        assert _files(ours) == _files(theirs)
+        metrics, their_metrics = (json.loads((d / "metrics.json").read_text()) for d in (ours, theirs))
+        assert metrics["replicas"] == 3 and metrics["epochs"] == their_metrics["epochs"] == 2
+        for key in ("test/loss", "test/iw_nll", "test/active_units"):
+            assert abs(metrics[key] - their_metrics[key]) < 0.01, (key, metrics[key], their_metrics[key])
+        assert Path(metrics["checkpoint"]).name == Path(their_metrics["checkpoint"]).name
+        tensorboard = f"seed={job}"
+        assert _scalar_steps(replicas / tensorboard) == _scalar_steps(alone / tensorboard)
+    assert "2 groups of jobs with different shapes" in results[3][2] + results[3][1]
+    assert all(json.loads((tmp_path / "two" / job / "metrics.json").read_text())["replicas"] == 1 for job in "01")
+    refusal = [line for line in results[4][2].splitlines() if line.startswith("error:")]
+    assert refusal and "trainer.accumulate_grad_batches" in refusal[0], results[4][2][-2000:]

@@ -11,6 +11,7 @@ from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.plugins import Plugins
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
+from hydra_plugins.vae_lightning_replicas import ReplicaLauncher
 from vae_lightning.registry import CONFIG_PATH, plugin_config_packages
 
 
@@ -23,3 +24,4 @@ class PluginConfigs(SearchPathPlugin):
 
 
 Plugins.instance().register(PluginConfigs)
+Plugins.instance().register(ReplicaLauncher)  # hydra/launcher=replicas, found the same way

@@ -278,3 +278,15 @@ class MLflowLoggerState:
         """``log_model=True``: the checkpoints, as Lightning logs them when training ends."""
         if self._logger._checkpoint_callback:
             self._logger._scan_and_log_checkpoints(self._logger._checkpoint_callback)
+
+
+def set_trainer_progress(trainer: Any, epochs: int, steps: int) -> None:
+    """A trainer that did not fit (a job trained as one of replicas, ``runs.replica_launcher``)
+    counts the epochs and optimizer steps its job trained, so that its test pass logs at the
+    step a job alone logs at (Lightning logs at the fit loop's step counters). Lightning sets them
+    only in its own fit or from a checkpoint's loop state, which a test pass does not restore.
+    Upstream: none found (no public setter for ``global_step``; Lightning's tracker searched)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    epoch_loop._batches_that_stepped = steps
+    epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = steps
+    trainer.fit_loop.epoch_progress.current.completed = epochs

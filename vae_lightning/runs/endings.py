@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import signal
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from vae_lightning.errors import UserError
+from vae_lightning.outputs import describe_disk_error
 from vae_lightning.runs.results import discard_if_unstarted, record_failure
 from vae_lightning.training import stopping
 from vae_lightning.training.checkpoints import saved_progress
@@ -49,3 +54,21 @@ def failed(out: Path, reason: str, refused: bool = False) -> None:
     if not discard_if_unstarted(out) and not refused:
         record_failure(out, reason)
     raise SystemExit(1)
+
+
+def ended(out: Path, work: Callable[[], float | None]) -> float | None:
+    """``work()``'s result, or how the job ended without one, said in one line: stopped by a
+    signal (a scheduler's stop or pre-emption: the whole sweep stops too), refused, or crashed."""
+    try:
+        return work()
+    except SIGTERMException:
+        return stopped(out, stopping.stop_signal())
+    except UserError as err:
+        reason = str(err)
+    except Exception as err:
+        reason = describe_disk_error(err, out)
+        if reason is None:  # a bug, ours or a library's: its traceback, then what was kept
+            traceback.print_exc()
+            reason = f"the run crashed on {type(err).__name__}: {err} (traceback above)"
+        reason += f"; {saved_progress(out)}"
+    return failed(out, reason)

@@ -10,11 +10,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from vae_lightning.errors import UserError
 from vae_lightning.launch import slurm_restarts
 from vae_lightning.runs.building import continued_data
 from vae_lightning.runs.checks import check_new_keys
+from vae_lightning.runs.endings import failed
 from vae_lightning.runs.resume import Resume, changed_data_settings, check_epochs_left, keep_run_model, plan_resume
-from vae_lightning.runs.rundir import requeued_ckpt_path
+from vae_lightning.runs.rundir import forget_continuation, hold_run_dir, requeued_ckpt_path
+from vae_lightning.training import stopping
 from vae_lightning.training.checkpoints import check_finite, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -50,3 +53,15 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     elif sweep_job and ckpt_path == "last":
         log.info(f"Nothing to continue in {out}: this job starts from epoch 1")
     return resume, checkpoint
+
+
+def start_job(cfg: DictConfig, out: Path) -> tuple[Resume, dict | None] | None:
+    """Hold the job's dir (one writer, until the job ends) and ``plan`` it; None when it is refused
+    before anything was written (said in one line; a finished run's dir stays as it was)."""
+    stopping.listen(new_job=True)  # a stop signal from here on stops the run with everything kept
+    try:
+        hold_run_dir(out)
+        return plan(cfg)
+    except UserError as err:
+        forget_continuation(out, HydraConfig.get().output_subdir)
+        return failed(out, str(err), refused=True)

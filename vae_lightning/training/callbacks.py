@@ -22,10 +22,6 @@ from vae_lightning.training import stopping
 from vae_lightning.training.checkpoints import saved_progress
 
 
-def _tensorboards(trainer: L.Trainer) -> list[TensorBoardLogger]:
-    return [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-
-
 class TrainingHistory(L.Callback):
     """The record of a run: every optimizer step's per-image value of each of the objective's terms
     (rec = -log p(x|z), KL, loss, and any of its own), and every epoch's train and val metrics.
@@ -114,36 +110,53 @@ class TrainingHistory(L.Callback):
         values = torch.stack(self._pending).float().cpu()  # the block's one host sync
         steps = torch.tensor(self._pending_steps, dtype=torch.long)
         self._pending, self._pending_steps = [], []
+        self.record_steps(values, steps, trainer.loggers if trainer else [])
+        if trainer is None:
+            return
+        divergence = self.divergence(values, steps, trainer.current_epoch)
+        # every rank flushes at the same steps: all of them stop if any one diverged, rather than
+        # the others waiting for it in the next all-reduce until a timeout
+        if trainer.strategy.reduce_boolean_decision(divergence is not None, all=False):
+            if divergence is None:
+                raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
+            raise _diverged(trainer, divergence)
+
+    def record_steps(self, values: torch.Tensor, steps: torch.Tensor, loggers: list) -> None:
+        """Keep a block of steps' values (steps, step_terms), on the CPU, and send them to ``loggers``."""
         self.step_values = torch.cat([self.step_values, values])
         self.steps = torch.cat([self.steps, steps])
-        for logger in trainer.loggers if trainer else []:
+        for logger in loggers:
             for step, row in zip(steps.tolist(), values.tolist(), strict=True):
                 logger.log_metrics(
                     {step_metric(term): value for term, value in zip(self.step_terms, row, strict=True)}, step
                 )
-        if trainer is None:
-            return
+
+    @staticmethod
+    def divergence(values: torch.Tensor, steps: torch.Tensor, epoch: int) -> str | None:
+        """What became infinite or NaN in a block of steps' values (0-based ``epoch``), or None."""
         bad = (~torch.isfinite(values).all(dim=1)).nonzero()
-        # every rank flushes at the same steps: all of them stop if any one diverged, rather than
-        # the others waiting for it in the next all-reduce until a timeout
-        if trainer.strategy.reduce_boolean_decision(bool(len(bad)), all=False):
-            if not len(bad):
-                raise _diverged(trainer, f"the loss of another process became infinite or NaN by step {steps[-1] + 1}")
-            step, (rec, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0], :3].tolist()  # STEP_ORDER
-            raise _diverged(
-                trainer,
-                f"the per-image loss became {loss:.4g} (rec {rec:.4g}, KL {kl:.4g}) "
-                f"at step {step + 1} of epoch {trainer.current_epoch + 1}",
-            )
+        if not len(bad):
+            return None
+        step, (rec, kl, loss) = int(steps[bad[0, 0]]), values[bad[0, 0], :3].tolist()  # STEP_ORDER
+        where = f"at step {step + 1} of epoch {epoch + 1}"
+        return f"the per-image loss became {loss:.4g} (rec {rec:.4g}, KL {kl:.4g}) {where}"
 
     def _check_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A loss can stay finite while the weights overflow: check those and val/loss too,
         before this epoch's checkpoints are written (Lightning saves after these hooks)."""
         val_loss = trainer.callback_metrics.get("val/loss")
-        if val_loss is not None and not torch.isfinite(val_loss):
-            raise _diverged(trainer, f"val/loss became {float(val_loss):.4g} after epoch {trainer.current_epoch + 1}")
-        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
-            raise _diverged(trainer, f"the weights became infinite or NaN in epoch {trainer.current_epoch + 1}")
+        what = self.epoch_divergence(val_loss, pl_module.parameters(), trainer.current_epoch)
+        if what is not None:
+            raise _diverged(trainer, what)
+
+    @staticmethod
+    def epoch_divergence(val_loss: Any, parameters: Any, epoch: int) -> str | None:
+        """What became infinite or NaN by the end of (0-based) ``epoch``: val/loss or the weights; or None."""
+        if val_loss is not None and not torch.isfinite(torch.as_tensor(val_loss)):
+            return f"val/loss became {float(val_loss):.4g} after epoch {epoch + 1}"
+        if not all(torch.isfinite(p).all() for p in parameters):
+            return f"the weights became infinite or NaN in epoch {epoch + 1}"
+        return None
 
     def write_csv(self) -> None:
         with replaced_atomically(self.csv_path) as partial, partial.open("w", newline="") as f:
@@ -190,7 +203,12 @@ def training_seconds(trainer: L.Trainer) -> float:
 
 def _diverged(trainer: L.Trainer, what: str) -> DivergenceError:
     lr = trainer.lightning_module.hparams.get("lr", "?") if trainer.lightning_module else "?"
-    done = trainer.current_epoch  # finished epochs, each with its checkpoint
+    return diverged(what, lr, trainer.current_epoch)  # finished epochs, each with its checkpoint
+
+
+def diverged(what: str, lr: Any, finished_epochs: int) -> DivergenceError:
+    """The one line a diverged run ends with: what, the checkpoint kept, and what to try."""
+    done = finished_epochs
     kept = f"checkpoints/last.ckpt keeps epoch {done}" if done else "no epoch had finished, so there is no checkpoint"
     return DivergenceError(f"training diverged: {what}; {kept}; try a smaller model.lr (now {lr})")
 
@@ -214,16 +232,25 @@ class SampleGrid(L.Callback):
         self.n, self.nrow, self.seed, self.scale = n, nrow, seed, scale
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero and _tensorboards(trainer):
-            grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)  # its own generator
-            for tb in _tensorboards(trainer):
-                tb.experiment.add_image(self.path.stem, grid, trainer.global_step)
+        if trainer.is_global_zero:
+            self.log_epoch(trainer.loggers, pl_module.model, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            grid = sample_grid(pl_module.model, self.n, self.nrow, self.seed)
-            with replaced_atomically(self.path) as partial:
-                save_image(upscale(grid, self.scale), partial, format="png")
+            self.write(pl_module.model)
+
+    def log_epoch(self, loggers: list, model: torch.nn.Module, step: int) -> None:
+        """The grid at 1:1, to the TensorBoard among ``loggers``, at ``step``."""
+        tensorboards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+        if tensorboards:
+            grid = sample_grid(model, self.n, self.nrow, self.seed)  # its own generator
+            for tb in tensorboards:
+                tb.experiment.add_image(self.path.stem, grid, step)
+
+    def write(self, model: torch.nn.Module) -> None:
+        grid = sample_grid(model, self.n, self.nrow, self.seed)
+        with replaced_atomically(self.path) as partial:
+            save_image(upscale(grid, self.scale), partial, format="png")
 
 
 class StopOnSignal(L.Callback):

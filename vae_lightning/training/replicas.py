@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from vae_lightning.data.replica_batches import ReplicaBatches
 from vae_lightning.errors import UserError
 from vae_lightning.model.objectives import Progress
 from vae_lightning.training.module import VAEModule
@@ -116,6 +115,7 @@ class ReplicaGroup:
         self.index = torch.arange(len(modules), device=self.stacked[names[0]].device)
         self.alive = [True] * len(modules)
         self.terms = modules[0].objective.terms
+        self.steps = 0  # optimizer steps taken
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -141,6 +141,7 @@ class ReplicaGroup:
                 optimizer.step()
         for tensor in self.stacked.values():
             tensor.grad = None
+        self.steps += 1
         return {term: terms[term] for term in self.terms}
 
     @torch.no_grad()
@@ -148,33 +149,3 @@ class ReplicaGroup:
         self.step_module.eval()
         _, terms = self._run(x, x_dim, Progress())
         return {term: terms[term] for term in self.terms}
-
-
-def fit(
-    group: ReplicaGroup,
-    batches: ReplicaBatches,
-    epochs: int,
-    limit_train_batches: int | None = None,
-    limit_val_batches: int | None = None,
-) -> list[list[dict[str, float]]]:
-    """Train ``group`` for ``epochs`` as each job's Lightning run would (each epoch's training,
-    then its validation; Lightning's sanity check draws nothing a job keeps: it isolates the
-    generators); per replica, each epoch's row of train/* and val/* per-image means."""
-    history: list[list[dict[str, float]]] = [[] for _ in range(len(group))]
-    steps = min(batches.train_steps(), limit_train_batches or batches.train_steps())
-    step = 0
-    for epoch in range(epochs):
-        train = EpochSums()
-        for x in batches.train(epoch, group.noise.generators, limit_train_batches):
-            train.add(group.train_step(x, Progress(step, steps)))
-            step += 1
-        val = EpochSums()
-        for x, x_dim in batches.evaluate(limit=limit_val_batches):
-            val.add(group.eval_step(x, x_dim))
-        for stage, sums in (("train", train), ("val", val)):
-            for term, values in sums.means().items():
-                for replica, value in enumerate(values):
-                    if len(history[replica]) <= epoch:
-                        history[replica].append({"epoch": epoch + 1})
-                    history[replica][epoch][f"{stage}/{term}"] = value
-    return history
