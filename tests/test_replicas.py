@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import epoch_rows, run_in_one_interpreter
+from helpers import epoch_rows, kill_early_in_epoch_2, run_cli, run_in_one_interpreter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from vae_lightning.data.datamodule import binarize
@@ -135,7 +135,8 @@ def test_a_replica_sweep_writes_what_its_jobs_write_alone(tmp_path, mnist_dir):
     hydra/launcher=replicas and once with the basic launcher: each job's epochs.csv within 0.01
     nats of its run alone (measured: equal to the 6 digits printed, but for val's last digits),
     the same files (checkpoints, figures, report), the same TensorBoard tags at the same steps,
-    and test numbers; its checkpoint exports as any run's. Jobs of two shapes form two groups."""
+    and test numbers; its checkpoint exports as any run's. Killed in epoch 2 and continued, the
+    sweep ends with the uninterrupted one's numbers. Jobs of two shapes form two groups."""
     replicas, alone = tmp_path / "replicas", tmp_path / "alone"
     data = f"data.data_dir={mnist_dir}"
     results = run_in_one_interpreter([
@@ -163,6 +164,16 @@ def test_a_replica_sweep_writes_what_its_jobs_write_alone(tmp_path, mnist_dir):
         assert Path(metrics["checkpoint"]).name == Path(their_metrics["checkpoint"]).name
         tensorboard = f"seed={job}"
         assert _scalar_steps(replicas / tensorboard) == _scalar_steps(alone / tensorboard)
+    killed = tmp_path / "killed"  # killed in epoch 2, then continued: the uninterrupted sweep's numbers
+    kill_early_in_epoch_2([*REPLICA_SWEEP, "hydra/launcher=replicas", data, f"hydra.sweep.dir={killed}"],
+                          killed / "0" / "epochs.csv")  # fmt: skip
+    continued = run_cli("vae_lightning.train", *REPLICA_SWEEP, "hydra/launcher=replicas", data, "ckpt_path=last",
+                        f"hydra.sweep.dir={killed}")  # fmt: skip
+    assert continued.returncode == 0, continued.stderr[-3000:]
+    for job in ("0", "1", "2"):
+        assert epoch_rows(killed / job) == epoch_rows(replicas / job)
+        ours, theirs = (json.loads((d / job / "metrics.json").read_text()) for d in (killed, replicas))
+        assert ours["test/iw_nll"] == theirs["test/iw_nll"]
     assert "2 groups of jobs with different shapes" in results[3][2] + results[3][1]
     assert all(json.loads((tmp_path / "two" / job / "metrics.json").read_text())["replicas"] == 1 for job in "01")
     refusal = [line for line in results[4][2].splitlines() if line.startswith("error:")]

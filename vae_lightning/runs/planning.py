@@ -19,13 +19,15 @@ from vae_lightning.runs.resume import Resume, changed_data_settings, check_epoch
 from vae_lightning.runs.rundir import forget_continuation, hold_run_dir, requeued_ckpt_path
 from vae_lightning.training import stopping
 from vae_lightning.training.checkpoints import check_finite, load_checkpoint
+from vae_lightning.training.replicas import REPLICA_KEY
 
 log = logging.getLogger(__name__)
 
 
-def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
+def plan(cfg: DictConfig, replicas: bool = False) -> tuple[Resume, dict | None]:
     """What this run is (new, continued, or finished before) and the checkpoint it continues, read
-    once; every refusal here comes before anything is written."""
+    once; every refusal here comes before anything is written. ``replicas``: the job trains as one
+    of replicas, and may continue their checkpoints."""
     out = Path(cfg.paths.output_dir)
     sweep_job = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -39,6 +41,9 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
         return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
+        if REPLICA_KEY in checkpoint and not replicas:
+            raise UserError(f"{resume.checkpoint} was written by a sweep trained as one model; continue it with "
+                            "hydra/launcher=replicas (and the sweep's -m, overrides and hydra.sweep.dir)")  # fmt: skip
         check_epochs_left(resume.checkpoint, checkpoint, cfg.trainer.max_epochs)
         named = {override.split("=")[0].lstrip("+~") for override in overrides}
         # the run's own model and data, not today's defaults
@@ -55,13 +60,13 @@ def plan(cfg: DictConfig) -> tuple[Resume, dict | None]:
     return resume, checkpoint
 
 
-def start_job(cfg: DictConfig, out: Path) -> tuple[Resume, dict | None] | None:
+def start_job(cfg: DictConfig, out: Path, replicas: bool = False) -> tuple[Resume, dict | None] | None:
     """Hold the job's dir (one writer, until the job ends) and ``plan`` it; None when it is refused
     before anything was written (said in one line; a finished run's dir stays as it was)."""
     stopping.listen(new_job=True)  # a stop signal from here on stops the run with everything kept
     try:
         hold_run_dir(out)
-        return plan(cfg)
+        return plan(cfg, replicas)
     except UserError as err:
         forget_continuation(out, HydraConfig.get().output_subdir)
         return failed(out, str(err), refused=True)

@@ -32,6 +32,7 @@ from vae_lightning.runs.endings import ended, failed
 from vae_lightning.runs.finishing import finish
 from vae_lightning.runs.planning import start_job
 from vae_lightning.runs.rundir import release_run_dir
+from vae_lightning.training.callbacks import training_seconds
 from vae_lightning.training.module import VAEModule
 from vae_lightning.training.replica_fit import ReplicaJob, fit_replicas
 from vae_lightning.training.replicas import ReplicaGroup, global_generator
@@ -53,8 +54,8 @@ class _Started:
     out: Path
     job: ReplicaJob
     generator: Any
+    checkpoint: dict | None = None  # the job's own last, when the sweep is continued
     started: float = field(default_factory=time.perf_counter)
-    seconds: float = 0.0
     steps: int = 0  # optimizer steps trained
     replicas: int = 1
     error: BaseException | None = None  # what ended the whole group's training
@@ -71,16 +72,22 @@ def _refusal(cfg: DictConfig) -> str | None:
         value = trainer.get(key)
         if value is not None and not (isinstance(value, int) or value == 1.0):
             return f"trainer.{key}={value} (a fraction; give a number of batches)"
-    if cfg.get("ckpt_path"):
-        return "ckpt_path (a continued sweep)"
     return None
 
 
+def _first_epoch(started: _Started) -> tuple[int, int]:
+    """(epoch, optimizer step) the job starts from: 0 or its checkpoint's next."""
+    checkpoint = started.checkpoint
+    return (0, 0) if checkpoint is None else (checkpoint["epoch"] + 1, checkpoint["global_step"])
+
+
 def _shape(started: _Started) -> str:
-    """What the jobs of one group share: the model's settings, the objective's and the batches'."""
+    """What the jobs of one group share: the model's settings, the objective's, the batches', and
+    where they start (jobs continued from different epochs train in different groups)."""
     module, dm = started.job.module, started.job.datamodule
     objective = (module.objective.name, sorted(module.objective.settings.items()))
-    return repr((module.model.settings, objective, dm.batch_size, dm.eval_batch_size, dm.val_split, dm.dataset))
+    batches = (dm.batch_size, dm.eval_batch_size, dm.val_split, dm.dataset)
+    return repr((module.model.settings, objective, batches, _first_epoch(started)))
 
 
 def _limit(cfg: DictConfig, key: str) -> int | None:
@@ -135,11 +142,11 @@ class ReplicaLauncher(Launcher):
         quiet_disk_errors_in_threads()
         route_lightning_logs()
         out = Path(cfg.paths.output_dir)
-        planned = start_job(cfg, out)
+        planned = start_job(cfg, out, replicas=True)
         if planned is None:  # refused, said in one line
             self.started[out] = None
             return
-        resume, _ = planned
+        resume, checkpoint = planned
         if resume.finished is not None:
             log.info(f"This job finished before, in {out} (epoch {resume.finished['epochs']}): its results are kept")
             self.started[out] = resume.finished.get(cfg.get("optimized_metric"))
@@ -153,7 +160,7 @@ class ReplicaLauncher(Launcher):
             datamodule, module, trainer = build_run(cfg)
             # what the job's global generator would draw next, alone: its noise and binarization
             generator = global_generator(trainer.strategy.root_device)
-            self.started[out] = _Started(cfg, out, ReplicaJob(trainer, module, datamodule), generator)
+            self.started[out] = _Started(cfg, out, ReplicaJob(trainer, module, datamodule), generator, checkpoint)
 
         self.started[out] = None
         ended(out, build)
@@ -165,14 +172,19 @@ class ReplicaLauncher(Launcher):
 
         def work() -> None:
             modules: list[VAEModule] = [s.job.module.to(device) for s in group]
-            replica = ReplicaGroup(modules, [s.generator for s in group])
+            first_epoch, first_step = _first_epoch(first)
+            replica = ReplicaGroup(modules, [s.generator for s in group], first_step)
+            for index, s in enumerate(group):
+                if s.checkpoint is not None:
+                    s.job.restore(s.checkpoint, replica, index)
+                    log.info(f"{s.out.name} continues from epoch {first_epoch + 1}")
             datamodules: list[MNISTDataModule] = [s.job.datamodule for s in group]
             batches = ReplicaBatches(datamodules, device)
             log.info(f"Training {len(group)} jobs as one model: {', '.join(s.out.name for s in group)}")
             limits = _limit(first.cfg, "limit_train_batches"), _limit(first.cfg, "limit_val_batches")
-            seconds = fit_replicas([s.job for s in group], replica, batches, first.cfg.trainer.max_epochs, *limits)
+            fit_replicas([s.job for s in group], replica, batches, first.cfg.trainer.max_epochs, *limits, first_epoch)
             for s in group:
-                s.seconds, s.replicas, s.steps = seconds, len(group), replica.steps
+                s.replicas, s.steps = len(group), replica.steps
 
         try:
             work()
@@ -197,7 +209,7 @@ class ReplicaLauncher(Launcher):
             best = job.best.best_model_path if job.best is not None else ""
             set_trainer_progress(job.trainer, len(job.history.epochs), started.steps)
             metrics = finish(cfg, job.trainer, job.module, job.datamodule, epochs=len(job.history.epochs),
-                             train_seconds=started.seconds, best=best, started=started.started,
+                             train_seconds=training_seconds(job.trainer), best=best, started=started.started,
                              replicas=started.replicas)  # fmt: skip
             return metrics.get(cfg.get("optimized_metric"))
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vae_lightning.data.datamodule import MNISTDataModule
@@ -25,7 +25,7 @@ from vae_lightning.model.objectives import Progress
 from vae_lightning.training import stopping
 from vae_lightning.training.callbacks import SampleGrid, TrainingHistory, diverged
 from vae_lightning.training.module import VAEModule
-from vae_lightning.training.replicas import EpochSums, ReplicaGroup
+from vae_lightning.training.replicas import REPLICA_KEY, EpochSums, ReplicaGroup
 
 
 @dataclass
@@ -52,6 +52,27 @@ class ReplicaJob:
     def last(self) -> ModelCheckpoint | None:
         return next((cb for cb in self.trainer.checkpoint_callbacks if cb is not self.best), None)
 
+    def restore(self, checkpoint: dict[str, Any], replica: ReplicaGroup, index: int) -> None:
+        """Continue from ``checkpoint`` (this job's last, from a replica sweep or a job alone):
+        weights, Adam, its generator's state, its callbacks' (history, best checkpoint, clock)."""
+        self.module.load_state_dict(checkpoint["state_dict"])  # into its row of the stacked weights
+        replica.optimizers[index].load_state_dict(checkpoint["optimizer_states"][0])
+        generator = replica.noise.generators[index]
+        state = checkpoint.get(REPLICA_KEY)
+        if state is None:  # a job alone's: its global generator's state (training.module)
+            saved = checkpoint["rng_states"]
+            saved = saved[0] if isinstance(saved, list) else saved
+            state = saved["cuda"] if generator.device.type == "cuda" else saved["torch"]
+        generator.set_state(state)
+        states = checkpoint.get("callbacks", {})
+        for callback in self.trainer.callbacks:
+            if callback.state_key in states:
+                callback.load_state_dict(states[callback.state_key])
+
+    @property
+    def timer(self) -> Timer:
+        return self.callback(Timer)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step)
@@ -71,7 +92,7 @@ class ReplicaJob:
             "hparams_name": "kwargs",
             "hyper_parameters": dict(self.module.hparams),
             type(self.datamodule).__qualname__: self.datamodule.state_dict(),
-            "replica_generator": replica.noise.generators[index].get_state(),
+            REPLICA_KEY: replica.noise.generators[index].get_state(),
         }
 
     def save(self, callback: ModelCheckpoint, path: Path, checkpoint: dict[str, Any], score: float | None) -> None:
@@ -90,9 +111,12 @@ class ReplicaJob:
 
 
 def _end_epoch(
-    job: ReplicaJob, replica: ReplicaGroup, index: int, row: dict[str, float], epoch: int, step: int
+    job: ReplicaJob, replica: ReplicaGroup, index: int, row: dict[str, float], epoch: int, step: int, seconds: float
 ) -> None:
-    """Epoch ``epoch``'s row, metrics, checkpoints and sample grid for one live job."""
+    """Epoch ``epoch``'s row, metrics, checkpoints and sample grid for one live job, whose training
+    has taken ``seconds`` over all its sittings (kept by its Timer, which rides in its checkpoints)."""
+    if job.timer is not None:
+        job.timer.load_state_dict({"time_elapsed": {"train": seconds}})
     what = TrainingHistory.epoch_divergence(row.get("val/loss"), job.module.parameters(), epoch)
     if what is not None:
         job.failure = str(diverged(what, job.module.hparams.get("lr", "?"), epoch))
@@ -119,17 +143,20 @@ def fit_replicas(
     epochs: int,
     limit_train_batches: int | None = None,
     limit_val_batches: int | None = None,
+    first_epoch: int = 0,
     flush_every: int = 100,
-) -> float:
-    """Train every job of ``replica`` for ``epochs``; each job's files as its Lightning run writes
-    them. A job that diverges stops alone (``job.failure``). Returns the training's seconds."""
+) -> None:
+    """Train every job of ``replica`` from ``first_epoch`` (0-based; the jobs' checkpoints restored)
+    to ``epochs``; each job's files as its Lightning run writes them. A job that diverges stops
+    alone (``job.failure``)."""
     started = time.perf_counter()
+    before = [job.timer.time_elapsed("train") if job.timer is not None else 0.0 for job in jobs]
     for job in jobs:
         job.history.setup(job.trainer, job.module, "fit")
     terms = jobs[0].history.step_terms
     steps_per_epoch = min(batches.train_steps(), limit_train_batches or batches.train_steps())
-    step = 0
-    for epoch in range(epochs):
+    step = replica.steps
+    for epoch in range(first_epoch, epochs):
         epoch_started = time.perf_counter()
         train, pending, pending_steps = EpochSums(), [], []
         for x in batches.train(epoch, replica.noise.generators, limit_train_batches):
@@ -152,9 +179,10 @@ def fit_replicas(
             for term, values in sums.means().items():
                 for row, value in zip(rows, values, strict=True):
                     row[f"{stage}/{term}"] = value
+        elapsed = time.perf_counter() - started
         for index, (job, row) in enumerate(zip(jobs, rows, strict=True)):
             if replica.alive[index]:
-                _end_epoch(job, replica, index, row, epoch, step)
+                _end_epoch(job, replica, index, row, epoch, step, before[index] + elapsed)
         _progress_line(epoch, epochs, time.perf_counter() - epoch_started, rows, replica.alive)
         if not any(replica.alive):
             break
@@ -163,7 +191,6 @@ def fit_replicas(
             job.history.write_plot()
             if (grid := job.callback(SampleGrid)) is not None:
                 grid.write(job.module.model)
-    return round(time.perf_counter() - started, 1)
 
 
 def _flush(jobs: list[ReplicaJob], replica: ReplicaGroup, pending: list, steps: list[int], epoch: int) -> None:

@@ -21,6 +21,10 @@ from vae_lightning.errors import UserError
 from vae_lightning.model.objectives import Progress
 from vae_lightning.training.module import VAEModule
 
+# a replica's generator state in its job's checkpoints, where a job alone keeps its global
+# generator's (``rng_states``) and Lightning's loop state: only ``hydra/launcher=replicas`` continues them
+REPLICA_KEY = "replica_generator"
+
 
 def global_generator(device: torch.device) -> torch.Generator:
     """A generator in the state of ``device``'s global one: what a job alone would draw from next."""
@@ -93,7 +97,7 @@ class ReplicaGroup:
     """``modules`` (one per job, each built under its own seed) trained as one model, drawing from
     ``generators`` (each in the state its job's global generator had after building it)."""
 
-    def __init__(self, modules: Sequence[VAEModule], generators: Sequence[torch.Generator]) -> None:
+    def __init__(self, modules: Sequence[VAEModule], generators: Sequence[torch.Generator], steps: int = 0) -> None:
         if (reason := _refusal(modules)) is not None:
             raise UserError(f"these jobs cannot train as one model: {reason}; run them with the basic launcher")
         self.modules = list(modules)
@@ -115,7 +119,7 @@ class ReplicaGroup:
         self.index = torch.arange(len(modules), device=self.stacked[names[0]].device)
         self.alive = [True] * len(modules)
         self.terms = modules[0].objective.terms
-        self.steps = 0  # optimizer steps taken
+        self.steps = steps  # optimizer steps taken (by the checkpoints continued, too)
 
     def __len__(self) -> int:
         return len(self.modules)
