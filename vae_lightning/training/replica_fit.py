@@ -153,17 +153,22 @@ def fit_replicas(
     before = [job.timer.time_elapsed("train") if job.timer is not None else 0.0 for job in jobs]
     for job in jobs:
         job.history.setup(job.trainer, job.module, "fit")
-    terms = jobs[0].history.step_terms
+    terms, objective = jobs[0].history.step_terms, jobs[0].module.objective
     steps_per_epoch = min(batches.train_steps(), limit_train_batches or batches.train_steps())
     step = replica.steps
     for epoch in range(first_epoch, epochs):
         epoch_started = time.perf_counter()
         train, pending, pending_steps = EpochSums(), [], []
         for x in batches.train(epoch, replica.noise.generators, limit_train_batches):
-            values = replica.train_step(x, Progress(step, steps_per_epoch))
+            progress = Progress(step, steps_per_epoch)
+            values = replica.train_step(x, progress)
             train.add(values)
             pending.append(torch.stack([values[t].detach().float().mean(1) for t in terms], 1))  # (jobs, terms)
             pending_steps.append(step)
+            if schedule := objective.step_logs(progress):  # a schedule (the KL's warm-up), the same for every job
+                for index, job in enumerate(jobs):
+                    if replica.alive[index]:
+                        job.log(schedule, step)
             step += 1
             if len(pending) >= flush_every:
                 _flush(jobs, replica, pending, pending_steps, epoch)
