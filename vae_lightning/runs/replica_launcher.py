@@ -183,6 +183,7 @@ class ReplicaLauncher(Launcher):
             log.info(f"Training {len(group)} jobs as one model: {', '.join(s.out.name for s in group)}")
             limits = _limit(first.cfg, "limit_train_batches"), _limit(first.cfg, "limit_val_batches")
             fit_replicas([s.job for s in group], replica, batches, first.cfg.trainer.max_epochs, *limits, first_epoch)
+            replica.release()  # each job is tested and reported with a module of its own
             for s in group:
                 s.replicas, s.steps = len(group), replica.steps
 

@@ -56,7 +56,7 @@ class ReplicaJob:
         """Continue from ``checkpoint`` (this job's last, from a replica sweep or a job alone):
         weights, Adam, its generator's state, its callbacks' (history, best checkpoint, clock)."""
         self.module.load_state_dict(checkpoint["state_dict"])  # into its row of the stacked weights
-        replica.optimizers[index].load_state_dict(checkpoint["optimizer_states"][0])
+        replica.load_optimizer_state(index, checkpoint["optimizer_states"][0])
         generator = replica.noise.generators[index]
         state = checkpoint.get(REPLICA_KEY)
         if state is None:  # a job alone's: its global generator's state (training.module)
@@ -85,9 +85,11 @@ class ReplicaJob:
             "epoch": epoch,
             "global_step": step,
             "pytorch-lightning_version": L.__version__,
-            "state_dict": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
+            "state_dict": {
+                k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in self.module.state_dict().items()
+            },  # fmt: skip
             "callbacks": callbacks,
-            "optimizer_states": [replica.optimizers[index].state_dict()],
+            "optimizer_states": [replica.optimizer_state(index)],
             "lr_schedulers": [],
             "hparams_name": "kwargs",
             "hyper_parameters": dict(self.module.hparams),

@@ -76,6 +76,17 @@ def _refusal(modules: Sequence[VAEModule]) -> str | None:
     return None
 
 
+def _linear_weight(model: nn.Module, name: str) -> bool:
+    owner, _, leaf = name.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(owner), nn.Linear)
+
+
+def _as_kept(tensor: Tensor, transposed: bool) -> Tensor:
+    """A Linear's weight as the replicas keep it, or back (the same view both ways: its last two
+    dimensions swapped); any other parameter as it is."""
+    return tensor.transpose(-1, -2) if transposed else tensor
+
+
 @dataclass
 class EpochSums:
     """Per replica, the sum of each term over the epoch's images, on the device (no host sync)."""
@@ -103,17 +114,27 @@ class ReplicaGroup:
         self.modules = list(modules)
         names = [name for name, _ in modules[0].model.named_parameters()]
         rows = [dict(m.model.named_parameters()) for m in modules]
-        self.stacked = {n: torch.stack([r[n].detach() for r in rows]).requires_grad_() for n in names}
-        self.rows: list[list[tuple[nn.Parameter, str]]] = []
+        # a Linear's weight is kept as (replicas, in, out): batched, its gradient comes out in that
+        # layout, and stored as (replicas, out, in) each step would copy it transposed (two such
+        # copies cost a third of a step of the reference net); each job's view is its transpose
+        self.transposed = {n: _linear_weight(modules[0].model, n) for n in names}
+        self.stacked = {n: torch.stack([_as_kept(r[n].detach(), self.transposed[n]) for r in rows]).requires_grad_()
+                        for n in names}  # fmt: skip
+        self.rows: list[list[tuple[nn.Parameter, str]]] = []  # what each job's Adam steps: its rows, as kept
+        self.optimizers = []
         for i, module in enumerate(modules):  # each job's parameters become views of its row
-            views = []
+            rows_i = []
             for name in names:
                 owner, _, leaf = name.rpartition(".")
-                view = nn.Parameter(self.stacked[name].detach()[i])
-                setattr(module.model.get_submodule(owner), leaf, view)
-                views.append((view, name))
-            self.rows.append(views)
-        self.optimizers = [module.configure_optimizers() for module in modules]  # each job's own Adam
+                row = self.stacked[name].detach()[i]
+                setattr(module.model.get_submodule(owner), leaf, nn.Parameter(_as_kept(row, self.transposed[name])))
+                rows_i.append((nn.Parameter(row), name))
+            self.rows.append(rows_i)
+            # each job's own Adam, as its module makes it, stepping its rows in the kept layout (contiguous:
+            # on a transposed view, fused Adam would copy each weight, its gradient and state every step)
+            optimizer = module.configure_optimizers()
+            optimizer.param_groups[0]["params"] = [row for row, _ in rows_i]
+            self.optimizers.append(optimizer)
         self.step_module = _ObjectiveStep(modules[0])
         self.noise = ReplicaNoise(generators)
         self.index = torch.arange(len(modules), device=self.stacked[names[0]].device)
@@ -127,7 +148,7 @@ class ReplicaGroup:
     def _run(self, x: Tensor, x_dim: int | None, progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         def one(params: dict[str, Tensor], x_one: Tensor, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
             self.noise.index = index
-            weights = {f"model.{name}": p for name, p in params.items()}
+            weights = {f"model.{name}": _as_kept(p, self.transposed[name]) for name, p in params.items()}
             return functional_call(self.step_module, weights, (x_one, self.noise, progress))
 
         # randomness="same": the draws are made outside the batching, from each replica's generator
@@ -140,13 +161,41 @@ class ReplicaGroup:
         losses.sum().backward()  # the replicas share no weight: each gets its own loss's gradient
         for i, (optimizer, views) in enumerate(zip(self.optimizers, self.rows, strict=True)):
             if self.alive[i]:
-                for view, name in views:
-                    view.grad = self.stacked[name].grad[i]
+                for row, name in views:
+                    row.grad = self.stacked[name].grad[i]
                 optimizer.step()
         for tensor in self.stacked.values():
             tensor.grad = None
         self.steps += 1
         return {term: terms[term] for term in self.terms}
+
+    def optimizer_state(self, index: int) -> dict:
+        """Job ``index``'s Adam state as its module's optimizer would give it (a Linear weight's
+        moments in the module's layout): its checkpoints hold what a job alone's hold."""
+        state = self.optimizers[index].state_dict()
+        return {**state, "state": {k: self._moments(index, k, v) for k, v in state["state"].items()}}
+
+    def load_optimizer_state(self, index: int, state: dict) -> None:
+        """The inverse of ``optimizer_state``: a job's checkpointed Adam state into its rows."""
+        moments = {k: self._moments(index, int(k), v) for k, v in state["state"].items()}
+        self.optimizers[index].load_state_dict({**state, "state": moments})
+
+    def _moments(self, index: int, param: int, state: dict) -> dict:
+        """A Linear weight's Adam moments turned between the kept layout and its module's (either way)."""
+        if not self.transposed[self.rows[index][param][1]]:
+            return state
+        return {
+            k: _as_kept(v, True).contiguous() if isinstance(v, Tensor) and v.dim() == 2 else v for k, v in state.items()
+        }
+
+    def release(self) -> None:
+        """Give every job's module parameters of its own (contiguous copies of its rows): what it
+        is tested, evaluated and reported with is a module like a job alone's."""
+        for module in self.modules:
+            for name, parameter in list(module.model.named_parameters()):
+                owner, _, leaf = name.rpartition(".")
+                own = nn.Parameter(parameter.detach().clone(memory_format=torch.contiguous_format))
+                setattr(module.model.get_submodule(owner), leaf, own)
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, x_dim: int | None) -> dict[str, Tensor]:
