@@ -60,3 +60,18 @@ def test_bf16_mixed_lands_near_fp32(mnist_dir, tmp_path):
     fp32 = train(tmp_path / "fp32", mnist_dir, "trainer=gpu")
     bf16 = train(tmp_path / "bf16", mnist_dir, "trainer=gpu", "trainer.precision=bf16-mixed")
     assert float(bf16[-1]["train/loss"]) == pytest.approx(float(fp32[-1]["train/loss"]), abs=0.5)
+
+
+def test_seeds_as_replicas_on_the_gpu_match_their_runs_alone(mnist_dir, tmp_path):
+    """hydra/launcher=replicas on CUDA: each replica draws from a copy of its job's CUDA generator
+    (noise, dynamic binarization), so its epochs.csv is its job's alone on the GPU, up to the
+    reduction order of batched GEMMs."""
+    common = ["-m", "trainer=gpu", "seed=0,1", "data.binarize=dynamic", *TWO_EPOCHS, f"data.data_dir={mnist_dir}"]
+    alone, replicas = tmp_path / "alone", tmp_path / "replicas"
+    assert run_cli("vae_lightning.train", *common, f"hydra.sweep.dir={alone}").returncode == 0
+    done = run_cli("vae_lightning.train", *common, "hydra/launcher=replicas", f"hydra.sweep.dir={replicas}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job in ("0", "1"):
+        for ours, theirs in zip(epoch_rows(replicas / job), epoch_rows(alone / job), strict=True):
+            assert float(ours["train/loss"]) == pytest.approx(float(theirs["train/loss"]), abs=0.05)
+            assert float(ours["val/loss"]) == pytest.approx(float(theirs["val/loss"]), abs=0.05)
