@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from vae_lightning.data.datamodule import binarize
 from vae_lightning.errors import UserError
-from vae_lightning.model.objectives import Progress
+from vae_lightning.model.objectives import OBJECTIVES, Progress
 from vae_lightning.training.module import VAEModule
 from vae_lightning.training.replicas import ReplicaGroup, ReplicaNoise, global_generator
 
@@ -178,3 +178,22 @@ def test_a_replica_sweep_writes_what_its_jobs_write_alone(tmp_path, mnist_dir):
     assert all(json.loads((tmp_path / "two" / job / "metrics.json").read_text())["replicas"] == 1 for job in "01")
     refusal = [line for line in results[4][2].splitlines() if line.startswith("error:")]
     assert refusal and "trainer.accumulate_grad_batches" in refusal[0], results[4][2][-2000:]
+
+
+def test_a_step_vmap_cannot_batch_is_refused_in_one_line():
+    """A part whose step torch.func.vmap cannot run (here an objective reading a value to the host)
+    is refused at the first step in one line, not a traceback; later errors are not rewritten."""
+
+    class ReadsAValue(OBJECTIVES.get("elbo")):
+        def batch(self, model, x, noise, progress):
+            if float(x.sum()) < 0:  # data-dependent control flow: vmap refuses .item()
+                pass
+            return super().batch(model, x, noise, progress)
+
+    built = [_built(PARTS["elbo"], seed) for seed in (0, 1)]
+    for module, _ in built:
+        module.objective = ReadsAValue(beta=1.0, kl_warmup_epochs=0)
+    group = ReplicaGroup([m for m, _ in built], [g for _, g in built])
+    with pytest.raises(UserError, match=r"torch.func.vmap cannot run") as err:
+        group.train_step(torch.zeros(2, 4, 784), Progress())
+    assert "\n" not in str(err.value)

@@ -141,6 +141,7 @@ class ReplicaGroup:
         self.alive = [True] * len(modules)
         self.terms = modules[0].objective.terms
         self.steps = steps  # optimizer steps taken (by the checkpoints continued, too)
+        self.ran = False  # a first step has run batched
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -152,7 +153,17 @@ class ReplicaGroup:
             return functional_call(self.step_module, weights, (x_one, self.noise, progress))
 
         # randomness="same": the draws are made outside the batching, from each replica's generator
-        return vmap(one, in_dims=(0, x_dim, 0), randomness="same")(self.stacked, x, self.index)
+        batched = vmap(one, in_dims=(0, x_dim, 0), randomness="same")
+        if self.ran:
+            return batched(self.stacked, x, self.index)
+        try:  # the first step says whether these parts run batched at all
+            return batched(self.stacked, x, self.index)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"these jobs cannot train as one model: torch.func.vmap cannot run their step "
+                            f"({first}); run them with the basic launcher") from err  # fmt: skip
+        finally:
+            self.ran = True
 
     def train_step(self, x: Tensor, progress: Progress) -> dict[str, Tensor]:
         """One optimizer step of every live replica on its batch ``x[i]``; the per-image terms."""
