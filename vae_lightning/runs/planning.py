@@ -41,7 +41,7 @@ def plan(cfg: DictConfig, replicas: bool = False) -> tuple[Resume, dict | None]:
         return resume, None
     checkpoint = None if resume.checkpoint is None else load_checkpoint(resume.checkpoint)  # read once
     if resume.checkpoint is not None:
-        if REPLICA_KEY in checkpoint and not replicas:
+        if isinstance(checkpoint, dict) and REPLICA_KEY in checkpoint and not replicas:
             raise UserError(f"{resume.checkpoint} was written by a sweep trained as one model; continue it with "
                             "hydra/launcher=replicas (and the sweep's -m, overrides and hydra.sweep.dir)")  # fmt: skip
         check_epochs_left(resume.checkpoint, checkpoint, cfg.trainer.max_epochs)
