@@ -197,3 +197,14 @@ def test_a_step_vmap_cannot_batch_is_refused_in_one_line():
     with pytest.raises(UserError, match=r"torch.func.vmap cannot run") as err:
         group.train_step(torch.zeros(2, 4, 784), Progress())
     assert "\n" not in str(err.value)
+
+
+def test_a_net_with_buffers_is_refused_in_one_line():
+    """Running statistics (a batch norm's) would have to be stacked and updated under vmap too:
+    refused before anything trains."""
+    built = [_built(PARTS["elbo"], seed) for seed in (0, 1)]
+    for module, _ in built:
+        module.model.decoder.register_buffer("running_mean", torch.zeros(3))
+    with pytest.raises(UserError, match=r"keeps buffers") as err:
+        ReplicaGroup([m for m, _ in built], [g for _, g in built])
+    assert "\n" not in str(err.value)
