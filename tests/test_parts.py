@@ -166,3 +166,17 @@ def test_a_dataset_no_installed_package_provides_is_one_line_naming_its_group():
         DataError, match=r"data.dataset='kmnist' is not one of mnist, fashion_mnist .*vae_lightning.datasets"
     ):
         source("kmnist")
+
+
+def test_a_part_is_named_by_the_registry_it_is_registered_in():
+    """One source for a part's name: the name it is registered (or installed) under."""
+    from vae_lightning.model.likelihoods import Likelihood
+    from vae_lightning.registry import Registry
+
+    registry = Registry("likelihood", "model.likelihood")
+
+    @registry.register("made_up")
+    class MadeUp(Likelihood):
+        pass
+
+    assert registry.get("made_up").name == "made_up" and Bernoulli.name == "bernoulli"

@@ -51,7 +51,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(part: T) -> T:
-            self._own[name] = part
+            self._own[name] = _named(part, name)
             return part
 
         return add
@@ -82,13 +82,21 @@ class Registry(Generic[T]):
             plugin = self._plugins().get(name)
             if plugin is not None:
                 try:
-                    self._loaded[name] = plugin.load()
+                    self._loaded[name] = _named(plugin.load(), name)
                 except Exception as err:  # the plugin's own code: say which, in one line
                     raise ValueError(f"the {self.kind} {name!r} of the plugin {plugin.value} failed to load: "
                                      f"{type(err).__name__}: {err}") from None  # fmt: skip
         if isinstance(name, str) and name in self._loaded:
             return self._loaded[name]
         raise UnknownPart(self, name, setting or self.setting)
+
+
+def _named(part: T, name: str) -> T:
+    """A part class (a likelihood, prior or objective: ``name`` is declared on its base) knows the
+    name it is registered or installed under, its one source: its messages and checkpoints use it."""
+    if isinstance(part, type) and isinstance(getattr(part, "name", None), str):
+        part.name = name
+    return part
 
 
 def plugin_config_packages() -> Iterator[tuple[str, str]]:

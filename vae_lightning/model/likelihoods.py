@@ -136,9 +136,10 @@ def _log_cb_normalizer_derivative(logits: Tensor) -> Tensor:
 
 
 class Likelihood(nn.Module):
-    """p(x | z) from the decoder's logits (one per pixel). A subclass sets ``name`` (its registered
-    name) and defines ``nll`` (-log p(x | z) per image, summed over pixels, at least fp32; ``x``
-    broadcasts against ``logits``) and ``mean`` (E[x | z], what samples and reconstructions show)."""
+    """p(x | z) from the decoder's logits (one per pixel). Its ``name`` is the one it is registered
+    under (the registry sets it); a subclass defines ``nll`` (-log p(x | z) per image, summed over
+    pixels, at least fp32; ``x`` broadcasts against ``logits``) and ``mean`` (E[x | z], what samples
+    and reconstructions show)."""
 
     name: str = ""
     # how the report's in-page decoder turns logits into the mean: "sigmoid" or
@@ -168,8 +169,6 @@ class Bernoulli(Likelihood):
     """p(x|z) = prod_j lambda_j^x_j (1 - lambda_j)^(1 - x_j), lambda = sigmoid(logits): the reference
     notebook's. A probability for 0/1 pixels; on continuous pixels, not normalised."""
 
-    name = "bernoulli"
-
     def nll(self, logits: Tensor, x: Tensor) -> Tensor:
         return bce_from_logits(logits, x)
 
@@ -183,7 +182,7 @@ class ContinuousBernoulli(Likelihood):
     on [0, 1], so a true density for continuous pixels. -log p = BCE - log C(lambda) per pixel. Its
     mean is not lambda (the paper's point: images drawn with lambda look sharper than the mean)."""
 
-    name, page_mean = "continuous_bernoulli", "continuous_bernoulli"
+    page_mean = "continuous_bernoulli"
     density_support, lambda_differs_from_mean = "[0, 1] per pixel", True
 
     def nll(self, logits: Tensor, x: Tensor) -> Tensor:
@@ -204,7 +203,7 @@ class Gaussian(Likelihood):
     kept in [-9, 2] (sigma from 0.011 to 2.7): a density on continuous pixels, which on 8-bit images
     can exceed 1, so -log p can be negative (docs/protocols.md)."""
 
-    name, density_support = "gaussian", "the real line per pixel"
+    density_support = "the real line per pixel"
     LOG_VAR_RANGE = (-9.0, 2.0)
 
     def __init__(self, input_dim: int) -> None:

@@ -56,7 +56,8 @@ def mixture_log_density(z: Tensor, means: Tensor, logvars: Tensor, log_weights: 
 
 
 class Prior(nn.Module):
-    """p(z). A subclass sets ``name`` and ``closed_form`` (``kl`` is exact, not estimated at z) and
+    """p(z). Its ``name`` is the one it is registered under (the registry sets it); a
+    subclass sets ``closed_form`` (``kl`` is exact, not estimated at z) and
     defines ``kl`` (per image), ``log_prob`` (summed over latent dimensions), ``sample`` (n draws,
     on the generator's device) and ``page_mixture``; ``encode`` is the VAE's, for priors made of
     the encoder's posteriors. ``uses_components``: ``model.prior_components`` sizes it."""
@@ -93,7 +94,7 @@ PRIORS: Registry[type[Prior]] = Registry("prior", "model.prior")
 class StandardNormal(Prior):
     """p(z) = N(0, I). Its KL from q(z|x) is closed-form (``kl_divergence``)."""
 
-    name, closed_form = "normal", True
+    closed_form = True
 
     def kl(self, mu: Tensor, logvar: Tensor, z: Tensor, encode: Callable) -> Tensor:
         return kl_divergence(mu, logvar)
@@ -114,7 +115,7 @@ class MixtureOfGaussians(Prior):
     """p(z) = sum_k pi_k N(mu_k, diag(sigma_k^2)): K learned components (means drawn N(0, I), unit
     variances and equal weights at the start)."""
 
-    name, uses_components = "mog", True
+    uses_components = True
 
     def __init__(self, input_dim: int, latent_dim: int, components: int) -> None:
         super().__init__(input_dim, latent_dim, components)
@@ -142,7 +143,7 @@ class VampPrior(Prior):
     """p(z) = 1/K sum_k q(z | u_k) for K learned pseudo-inputs u_k (Tomczak & Welling 2018), each a
     learned image through hardtanh(0, 1), started at N(0.05, 0.01) per pixel as in the paper's code."""
 
-    name, uses_components = "vamp", True
+    uses_components = True
 
     def __init__(self, input_dim: int, latent_dim: int, components: int) -> None:
         super().__init__(input_dim, latent_dim, components)

@@ -12,7 +12,7 @@ from vae_lightning.model.likelihoods import Likelihood, at_least_fp32
 
 
 class Laplace(Likelihood):
-    name, density_support = "laplace", "the real line per pixel"
+    density_support = "the real line per pixel"
     LOG_SCALE_RANGE = (-7.0, 1.0)
 
     def __init__(self, input_dim: int) -> None:

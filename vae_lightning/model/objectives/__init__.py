@@ -39,7 +39,8 @@ class Progress:
 
 
 class Objective:
-    """One way to train. A subclass sets ``name``, ``reads`` (the ``model.*`` settings it uses),
+    """One way to train. Its ``name`` is the one it is registered under (the registry sets it);
+    a subclass sets ``reads`` (the ``model.*`` settings it uses),
     ``terms`` (``BOUND_TERMS`` and any of its own, such as beta-TCVAE's ``tc``) and defines
     ``batch``; ``check`` refuses a bad setting in one line (ValueError)."""
 
@@ -96,7 +97,7 @@ class Elbo(Objective):
     linearly from 0 over the first ``kl_warmup_epochs`` (Sonderby et al. 2016). ``loss`` is the
     negative ELBO whatever the weight."""
 
-    name, reads = "elbo", ("beta", "kl_warmup_epochs")
+    reads = ("beta", "kl_warmup_epochs")
 
     def check(self) -> None:
         beta, warmup = self.settings["beta"], self.settings["kl_warmup_epochs"]
@@ -124,7 +125,7 @@ class Elbo(Objective):
 class Iwae(Objective):
     """The k-sample importance-weighted bound (Burda et al. 2015); ``k = 1`` is the ELBO."""
 
-    name, reads = "iwae", ("k",)
+    reads = ("k",)
 
     def check(self) -> None:
         k = self.settings["k"]

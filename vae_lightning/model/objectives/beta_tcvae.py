@@ -32,7 +32,7 @@ def total_correlation(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
 
 @OBJECTIVES.register("beta_tcvae")
 class BetaTCVAE(Objective):
-    name, reads, terms = "beta_tcvae", ("tc_beta",), (*BOUND_TERMS, "tc")
+    reads, terms = ("tc_beta",), (*BOUND_TERMS, "tc")
 
     def check(self) -> None:
         beta = self.settings["tc_beta"]

@@ -13,7 +13,7 @@ from vae_lightning.model.objectives.terms import at_least_fp32
 
 @OBJECTIVES.register("free_bits")
 class FreeBits(Objective):
-    name, reads = "free_bits", ("free_bits",)
+    reads = ("free_bits",)
 
     def check(self) -> None:
         floor = self.settings["free_bits"]
