@@ -11,8 +11,8 @@ from torch import Tensor
 from vae_lightning.data.datamodule import MNISTDataModule, binarize, tensor_loader
 from vae_lightning.errors import DataError
 
-# what every job of a group must share: the stacked batches have one shape
-SHAPE_KEYS = ("batch_size", "eval_batch_size")
+# what every job of a group must share: the stacked batches have one shape, and one count
+SHAPE_KEYS = ("batch_size", "eval_batch_size", "val_split", "dataset")
 
 
 class ReplicaBatches:
@@ -24,7 +24,7 @@ class ReplicaBatches:
     def __init__(self, datamodules: Sequence[MNISTDataModule], device: torch.device) -> None:
         first = datamodules[0]
         for dm in datamodules[1:]:
-            for key in (*SHAPE_KEYS, "val_split", "dataset"):
+            for key in SHAPE_KEYS:
                 if getattr(dm, key) != getattr(first, key):
                     raise DataError(f"jobs trained as one model share data.{key} (here {getattr(first, key)} and "
                                     f"{getattr(dm, key)}): sweep it in separate runs")  # fmt: skip

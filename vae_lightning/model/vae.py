@@ -69,9 +69,7 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor, generator: Noise = None) -> Tensor:
-        std = torch.exp(0.5 * logvar)
-        if generator is None:  # the reference notebook's draw, from the global generator
-            return mu + torch.randn_like(std) * std
+        std = torch.exp(0.5 * logvar)  # generator None: the reference notebook's draw, from the global one
         return mu + standard_normal(std.shape, generator, std.device, std.dtype) * std
 
     def decode_logits(self, z: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from vae_lightning.data.datamodule import MNISTDataModule
-from vae_lightning.data.replica_batches import ReplicaBatches
+from vae_lightning.data.replica_batches import SHAPE_KEYS, ReplicaBatches
 from vae_lightning.errors import UserError
 from vae_lightning.launch import processes
 from vae_lightning.outputs import quiet_disk_errors_in_threads
@@ -35,7 +35,7 @@ from vae_lightning.runs.rundir import release_run_dir
 from vae_lightning.training.callbacks import training_seconds
 from vae_lightning.training.module import VAEModule
 from vae_lightning.training.replica_fit import ReplicaJob, fit_replicas
-from vae_lightning.training.replicas import ReplicaGroup, global_generator
+from vae_lightning.training.replicas import ReplicaGroup, global_generator, objective_of
 from vae_lightning.workarounds import route_lightning_logs, set_trainer_progress
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,8 @@ def _shape(started: _Started) -> str:
     """What the jobs of one group share: the model's settings, the objective's, the batches', and
     where they start (jobs continued from different epochs train in different groups)."""
     module, dm = started.job.module, started.job.datamodule
-    objective = (module.objective.name, sorted(module.objective.settings.items()))
-    batches = (dm.batch_size, dm.eval_batch_size, dm.val_split, dm.dataset)
-    return repr((module.model.settings, objective, batches, _first_epoch(started)))
+    batches = tuple(getattr(dm, key) for key in SHAPE_KEYS)
+    return repr((module.model.settings, objective_of(module), batches, _first_epoch(started)))
 
 
 def _limit(cfg: DictConfig, key: str) -> int | None:

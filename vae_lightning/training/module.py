@@ -26,6 +26,12 @@ OLD_CHECKPOINT_TRAINING = {"lr": 1e-3, "fused_adam": None, "objective": "elbo", 
 TRAINING_KEYS = ("lr", "fused_adam", "objective")
 
 
+def saved_generator_states(saved: Any) -> list[dict]:
+    """Each process's generator states in a checkpoint's ``rng_states`` ({"torch": ..., and "cuda"
+    on a GPU}), as ``VAEModule.on_save_checkpoint`` keeps them (older checkpoints: one dict)."""
+    return saved if isinstance(saved, list) else [saved] if saved else []
+
+
 class PerImageMean(Metric):
     """The mean of every value it is given: a sum and a count, summed over processes.
 
@@ -128,8 +134,7 @@ class VAEModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # restored here, not on load: the sanity-check validation in between also draws noise
-        saved = getattr(self, "_rng_to_restore", None) or []
-        saved = saved if isinstance(saved, list) else [saved]
+        saved = saved_generator_states(getattr(self, "_rng_to_restore", None))
         if saved:
             # this process's own; with another number of processes the noise cannot match anyway
             states = saved[self.global_rank % len(saved)]

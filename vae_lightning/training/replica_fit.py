@@ -24,7 +24,7 @@ from vae_lightning.data.replica_batches import ReplicaBatches
 from vae_lightning.model.objectives import Progress
 from vae_lightning.training import stopping
 from vae_lightning.training.callbacks import SampleGrid, TrainingHistory, diverged
-from vae_lightning.training.module import VAEModule
+from vae_lightning.training.module import VAEModule, saved_generator_states
 from vae_lightning.training.replicas import REPLICA_KEY, EpochSums, ReplicaGroup
 
 
@@ -38,7 +38,7 @@ class ReplicaJob:
     failure: str | None = None  # the one line its training ended on, if it diverged
 
     def callback(self, kind: type) -> Any:
-        return next((cb for cb in self.trainer.callbacks if type(cb) is kind or isinstance(cb, kind)), None)
+        return next((cb for cb in self.trainer.callbacks if isinstance(cb, kind)), None)
 
     @property
     def history(self) -> TrainingHistory:
@@ -59,9 +59,8 @@ class ReplicaJob:
         replica.load_optimizer_state(index, checkpoint["optimizer_states"][0])
         generator = replica.noise.generators[index]
         state = checkpoint.get(REPLICA_KEY)
-        if state is None:  # a job alone's: its global generator's state (training.module)
-            saved = checkpoint["rng_states"]
-            saved = saved[0] if isinstance(saved, list) else saved
+        if state is None:  # a job alone's: its global generator's state
+            saved = saved_generator_states(checkpoint["rng_states"])[0]
             state = saved["cuda"] if generator.device.type == "cuda" else saved["torch"]
         generator.set_state(state)
         states = checkpoint.get("callbacks", {})
@@ -146,7 +145,6 @@ def fit_replicas(
     limit_train_batches: int | None = None,
     limit_val_batches: int | None = None,
     first_epoch: int = 0,
-    flush_every: int = 100,
 ) -> None:
     """Train every job of ``replica`` from ``first_epoch`` (0-based; the jobs' checkpoints restored)
     to ``epochs``; each job's files as its Lightning run writes them. A job that diverges stops
@@ -172,7 +170,7 @@ def fit_replicas(
                     if replica.alive[index]:
                         job.log(schedule, step)
             step += 1
-            if len(pending) >= flush_every:
+            if len(pending) >= jobs[0].history.flush_every:
                 _flush(jobs, replica, pending, pending_steps, epoch)
                 pending, pending_steps = [], []
             if stopping.stop_signal() is not None:  # as StopOnSignal: every job keeps its last epoch

@@ -62,6 +62,12 @@ class _ObjectiveStep(nn.Module):
         return self.objective.loss_and_terms(self.model, x, noise, progress)
 
 
+def objective_of(module: VAEModule) -> tuple:
+    """What the modules of one group share besides the model's settings: one vmapped step runs one
+    objective with one set of settings."""
+    return module.objective.name, sorted(module.objective.settings.items())
+
+
 def _refusal(modules: Sequence[VAEModule]) -> str | None:
     """Why these modules cannot train as one model, or None."""
     first = modules[0]
@@ -69,7 +75,7 @@ def _refusal(modules: Sequence[VAEModule]) -> str | None:
         if module.model.settings != first.model.settings:
             differs = next(k for k in first.model.settings if module.model.settings[k] != first.model.settings[k])
             return f"model.{differs} differs between the jobs (it changes the model's shape)"
-        if (module.objective.name, module.objective.settings) != (first.objective.name, first.objective.settings):
+        if objective_of(module) != objective_of(first):
             return "the jobs' objectives or their settings differ (only lr, the seed and the data protocol may)"
     if any(True for _ in first.model.buffers()):
         return f"the {first.model.settings['net']['name']} net keeps buffers (running statistics)"
@@ -79,6 +85,12 @@ def _refusal(modules: Sequence[VAEModule]) -> str | None:
 def _linear_weight(model: nn.Module, name: str) -> bool:
     owner, _, leaf = name.rpartition(".")
     return leaf == "weight" and isinstance(model.get_submodule(owner), nn.Linear)
+
+
+def _set_parameter(model: nn.Module, name: str, value: Tensor) -> None:
+    """Replace ``model``'s parameter ``name`` (dotted, as ``named_parameters`` gives it) with ``value``."""
+    owner, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner), leaf, nn.Parameter(value))
 
 
 def _as_kept(tensor: Tensor, transposed: bool) -> Tensor:
@@ -125,9 +137,8 @@ class ReplicaGroup:
         for i, module in enumerate(modules):  # each job's parameters become views of its row
             rows_i = []
             for name in names:
-                owner, _, leaf = name.rpartition(".")
                 row = self.stacked[name].detach()[i]
-                setattr(module.model.get_submodule(owner), leaf, nn.Parameter(_as_kept(row, self.transposed[name])))
+                _set_parameter(module.model, name, _as_kept(row, self.transposed[name]))
                 rows_i.append((nn.Parameter(row), name))
             self.rows.append(rows_i)
             # each job's own Adam, as its module makes it, stepping its rows in the kept layout (contiguous:
@@ -153,12 +164,11 @@ class ReplicaGroup:
             return functional_call(self.step_module, weights, (x_one, self.noise, progress))
 
         # randomness="same": the draws are made outside the batching, from each replica's generator
-        batched = vmap(one, in_dims=(0, x_dim, 0), randomness="same")
-        if self.ran:
-            return batched(self.stacked, x, self.index)
-        try:  # the first step says whether these parts run batched at all
-            return batched(self.stacked, x, self.index)
+        try:
+            return vmap(one, in_dims=(0, x_dim, 0), randomness="same")(self.stacked, x, self.index)
         except RuntimeError as err:
+            if self.ran:  # it ran batched before: a crash, not these parts
+                raise
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"these jobs cannot train as one model: torch.func.vmap cannot run their step "
                             f"({first}); run them with the basic launcher") from err  # fmt: skip
@@ -204,9 +214,7 @@ class ReplicaGroup:
         is tested, evaluated and reported with is a module like a job alone's."""
         for module in self.modules:
             for name, parameter in list(module.model.named_parameters()):
-                owner, _, leaf = name.rpartition(".")
-                own = nn.Parameter(parameter.detach().clone(memory_format=torch.contiguous_format))
-                setattr(module.model.get_submodule(owner), leaf, own)
+                _set_parameter(module.model, name, parameter.detach().clone(memory_format=torch.contiguous_format))
 
     @torch.no_grad()
     def eval_step(self, x: Tensor, x_dim: int | None) -> dict[str, Tensor]:
