@@ -84,7 +84,7 @@ class TrainingHistory(L.Callback):
         for key in self.epoch_columns[1:]:
             if key in metrics:
                 row[key] = float(metrics[key])
-        self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
+        self.record_epoch(row)
         if trainer.is_global_zero:
             self.write_csv()
 
@@ -130,6 +130,11 @@ class TrainingHistory(L.Callback):
                 logger.log_metrics(
                     {step_metric(term): value for term, value in zip(self.step_terms, row, strict=True)}, step
                 )
+
+    def record_epoch(self, row: dict[str, float]) -> None:
+        """Keep an epoch's row (``epoch`` counted from 1), replacing any of that epoch or later
+        (a continuation from an earlier checkpoint trains them again)."""
+        self.epochs = [e for e in self.epochs if e["epoch"] < row["epoch"]] + [row]
 
     @staticmethod
     def divergence(values: torch.Tensor, steps: torch.Tensor, epoch: int) -> str | None:

@@ -120,12 +120,10 @@ def _end_epoch(
         job.timer.load_state_dict({"time_elapsed": {"train": seconds}})
     what = TrainingHistory.epoch_divergence(row.get("val/loss"), job.module.parameters(), epoch)
     if what is not None:
-        job.failure = str(diverged(what, job.module.hparams.get("lr", "?"), epoch))
-        replica.alive[index] = False
+        _diverged(job, replica, index, what, epoch)
         return
-    history = job.history
-    history.epochs = [e for e in history.epochs if e["epoch"] < row["epoch"]] + [row]
-    history.write_csv()
+    job.history.record_epoch(row)
+    job.history.write_csv()
     job.log({**{k: v for k, v in row.items() if k != "epoch"}, "epoch": epoch}, step - 1)
     checkpoint = job.checkpoint(epoch, step, replica, index)
     best = job.best
@@ -209,8 +207,13 @@ def _flush(jobs: list[ReplicaJob], replica: ReplicaGroup, pending: list, steps: 
         values = block[:, index]
         job.history.record_steps(values, step_numbers, job.trainer.loggers)
         if (what := TrainingHistory.divergence(values, step_numbers, epoch)) is not None:
-            job.failure = str(diverged(what, job.module.hparams.get("lr", "?"), epoch))
-            replica.alive[index] = False
+            _diverged(job, replica, index, what, epoch)
+
+
+def _diverged(job: ReplicaJob, replica: ReplicaGroup, index: int, what: str, epoch: int) -> None:
+    """The replica stops stepping; its job ends on the line a job alone ends on (``epoch`` finished epochs)."""
+    job.failure = str(diverged(what, job.module.hparams.get("lr", "?"), epoch))
+    replica.alive[index] = False
 
 
 def _progress_line(epoch: int, epochs: int, seconds: float, rows: list[dict[str, float]], alive: list[bool]) -> None:
